@@ -1,0 +1,30 @@
+"""Per-forward scratch state that is private to each thread and survives ``copy.deepcopy`` / pickling (empty)."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+class ThreadState:
+    """Named per-thread slots. A copy or an unpickled object starts with every slot empty."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self._local, name, default)
+
+    def set(self, name: str, value: Any) -> None:
+        setattr(self._local, name, value)
+
+    def pop(self, name: str, default: Any = None) -> Any:
+        value = getattr(self._local, name, default)
+        if hasattr(self._local, name):
+            delattr(self._local, name)
+        return value
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()

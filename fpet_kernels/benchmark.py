@@ -1,0 +1,88 @@
+"""Model-level measurements shared by ``fpet demo`` and ``bench/``: tokens per block, FLOPs, CPU throughput.
+
+Timing follows SPEC section 7: a fixed thread count, ``torch.inference_mode()``, warm-up runs, the median of
+several runs, and the models measured alternately in one process (round-robin) so that machine noise hits all alike.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Dict, List, Mapping
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["tokens_per_block", "count_gflops", "measure_throughput", "median", "machine_description"]
+
+
+def tokens_per_block(model: nn.Module, images: torch.Tensor) -> List[int]:
+    """Number of tokens entering each transformer block for one forward pass of ``images``."""
+    from .timm import find_vision_transformer
+
+    counts: List[int] = []
+    handles = [
+        block.register_forward_pre_hook(lambda module, args: counts.append(int(args[0].shape[1])))
+        for block in find_vision_transformer(model).blocks
+    ]
+    try:
+        with torch.inference_mode():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def count_gflops(model: nn.Module, images: torch.Tensor) -> float:
+    """GFLOPs of one forward pass of ``images`` (``torch.utils.flop_counter.FlopCounterMode``; a multiply-add
+    counts as 2 FLOPs)."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(images)
+    return counter.get_total_flops() / 1e9
+
+
+def measure_throughput(
+    models: Mapping[str, nn.Module],
+    images: torch.Tensor,
+    *,
+    runs: int = 5,
+    warmup: int = 2,
+    threads: int = 2,
+) -> Dict[str, List[float]]:
+    """Seconds per forward pass of ``images`` for each model: ``runs`` timings each, taken round-robin (model A,
+    model B, ..., A, B, ...) after ``warmup`` untimed rounds, with ``threads`` intra-op threads."""
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times: Dict[str, List[float]] = {name: [] for name in models}
+    try:
+        with torch.inference_mode():
+            for round_index in range(warmup + runs):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model(images)
+                    elapsed = time.perf_counter() - start
+                    if round_index >= warmup:
+                        times[name].append(elapsed)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return times
+
+
+def median(values: List[float]) -> float:
+    return statistics.median(values)
+
+
+def machine_description(threads: int) -> str:
+    """One line naming the CPU, the thread count and the torch version, to print beside timings."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}; {threads} thread(s); torch {torch.__version__}"
