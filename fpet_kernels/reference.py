@@ -34,6 +34,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @functools.lru_cache(maxsize=128)
 def _checkerboard_indices_cpu(height: int, width: int, num_prefix_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):  # cached: must stay usable by autograd whatever mode the first call ran in
+        return _build_checkerboard_indices(height, width, num_prefix_tokens)
+
+
+def _build_checkerboard_indices(height: int, width: int, num_prefix_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
     rows = torch.arange(height).view(-1, 1)
     cols = torch.arange(width).view(1, -1)
     is_a = ((rows + cols) % 2 == 0).flatten()
