@@ -6,7 +6,7 @@ from typing import Any
 
 
 class ThreadState:
-    """Named per-thread slots. A copy or an unpickled object starts with every slot empty."""
+    """Named per-thread slots; an empty slot holds None. A copy or an unpickled object starts with every slot empty."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -18,10 +18,9 @@ class ThreadState:
         setattr(self._local, name, value)
 
     def pop(self, name: str, default: Any = None) -> Any:
-        value = getattr(self._local, name, default)
-        if hasattr(self._local, name):
-            delattr(self._local, name)
-        return value
+        value = getattr(self._local, name, None)
+        setattr(self._local, name, None)
+        return default if value is None else value
 
     def __getstate__(self) -> dict:
         return {}

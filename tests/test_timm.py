@@ -250,3 +250,14 @@ def test_unsupported_block_type_is_refused():
 
     with pytest.raises(ValueError, match="not a timm pre-norm Block"):
         fk.apply_fpet(tiny_vit(block_fn=ParallelScalingBlock))
+
+
+def test_torch_compile_of_a_patched_model():
+    model = fk.apply_fpet(fk.add_pet(tiny_vit(global_pool="avg"), "adaptformer"), layer=1, backend="reference")
+    compiled = torch.compile(model, backend="aot_eager")
+    x = images(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    model.train()
+    compiled(x).square().sum().backward()
+    assert model.blocks[1].token_merger.down.weight.grad is not None

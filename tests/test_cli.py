@@ -1,0 +1,39 @@
+"""The `fpet` command."""
+import subprocess
+import sys
+
+from fpet_kernels.cli import _format_tokens, main
+
+
+def test_format_tokens():
+    assert _format_tokens([197] * 7 + [99] * 5) == "197x7, 99x5"
+
+
+def test_demo_prints_the_comparison_table(capsys):
+    assert main(["demo", "--model", "vit_tiny_patch16_224", "--batch-size", "2", "--runs", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in
+             ("backbone", "LoRA", "FPET+LoRA")}
+    assert set(lines) == {"backbone", "LoRA", "FPET+LoRA"}
+    assert "197x12" in lines["backbone"] and "197x7, 99x5" in lines["FPET+LoRA"]
+    fields = lines["FPET+LoRA"].split()
+    assert float(fields[3]) < float(lines["backbone"].split()[2])  # fewer GFLOPs
+    assert fields[-1] in ("reference", "cpp")
+
+
+def test_demo_loads_a_local_checkpoint(tmp_path, capsys):
+    import timm
+    import torch
+
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=7).state_dict(), path)
+    args = ["demo", "--model", "vit_tiny_patch16_224", "--num-classes", "7", "--checkpoint", str(path),
+            "--batch-size", "1", "--runs", "1", "--warmup", "0"]
+    assert main(args) == 0
+    assert str(path) in capsys.readouterr().out
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "fpet_kernels", "demo", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--checkpoint" in result.stdout
+
