@@ -21,13 +21,14 @@ def test_reference_backend_matches_reference_module():
     got = fk.merge_tokens(x, metric, size, grid_size=(3, 4), num_prefix_tokens=1, backend="reference")
     want = ref.merge_tokens(x, metric, size, grid_size=(3, 4), num_prefix_tokens=1)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    scores = fk.checkerboard_similarity(metric, (3, 4), 1)
+    scores = fk.checkerboard_similarity(metric, (3, 4), 1, backend="reference")
     assert torch.equal(scores, ref.checkerboard_similarity(metric, (3, 4), 1))
-    matching, index = fk.ste_match(scores)
-    merged = fk.scatter_mean_merge(x, size, index, (3, 4), 1)
+    matching, index = fk.ste_match(scores, backend="reference")
+    merged = fk.scatter_mean_merge(x, size, index, (3, 4), 1, backend="reference")
     assert torch.equal(merged[0], want[0])
     w_down, w_up = torch.randn(8, 4), torch.randn(4, 8)
-    assert torch.equal(fk.refine_keys(metric, w_down, w_up, 0.5), ref.refine_keys(metric, w_down, w_up, 0.5))
+    got = fk.refine_keys(metric, w_down, w_up, 0.5, backend="reference")
+    assert torch.equal(got, ref.refine_keys(metric, w_down, w_up, 0.5))
 
 
 def test_auto_resolves_to_an_available_backend():

@@ -252,8 +252,9 @@ def test_unsupported_block_type_is_refused():
         fk.apply_fpet(tiny_vit(block_fn=ParallelScalingBlock))
 
 
-def test_torch_compile_of_a_patched_model():
-    model = fk.apply_fpet(fk.add_pet(tiny_vit(global_pool="avg"), "adaptformer"), layer=1, backend="reference")
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpp") if b in fk.available_backends()])
+def test_torch_compile_of_a_patched_model(backend):
+    model = fk.apply_fpet(fk.add_pet(tiny_vit(global_pool="avg"), "adaptformer"), layer=1, backend=backend)
     compiled = torch.compile(model, backend="aot_eager")
     x = images(model)
     with torch.no_grad():
@@ -261,3 +262,26 @@ def test_torch_compile_of_a_patched_model():
     model.train()
     compiled(x).square().sum().backward()
     assert model.blocks[1].token_merger.down.weight.grad is not None
+
+
+@pytest.mark.skipif("cpp" not in fk.available_backends(), reason="fpet_kernels._C not built")
+def test_cpp_backend_matches_reference_in_a_model():
+    backend = "cpp"
+    x = images(tiny_vit(), batch=3)
+    outputs, grads = {}, {}
+    for name in ("reference", backend):
+        model = fk.apply_fpet(fk.add_pet(tiny_vit(global_pool="avg"), "lora"), layer=1, backend=name,
+                              refine_dropout=0.0)
+        with torch.no_grad():
+            outputs[name, "eval"] = model(x)
+        model.train()
+        fk.mark_trainable(model)
+        out = model(x)
+        out.square().sum().backward()
+        outputs[name, "train"] = out.detach()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for mode in ("eval", "train"):
+        torch.testing.assert_close(outputs[backend, mode], outputs["reference", mode], rtol=1e-4, atol=1e-5)
+    assert grads[backend].keys() == grads["reference"].keys()
+    for name, grad in grads["reference"].items():
+        torch.testing.assert_close(grads[backend][name], grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -1,0 +1,49 @@
+// Argument checks shared by the CPU and CUDA entry points (host code only). fpet_kernels/ops.py checks the same
+// things with friendlier messages; these guard direct torch.ops.fpet calls.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "fpet_math.h"
+
+namespace fpet {
+
+inline Checkerboard checked_grid(const at::Tensor& tokens, int64_t height, int64_t width, int64_t num_prefix_tokens,
+                                 const char* name) {
+  TORCH_CHECK(tokens.dim() == 3, name, " must have shape [B, N, D], got ", tokens.sizes());
+  TORCH_CHECK(height >= 1 && width >= 1 && height * width >= 2, "grid must have H*W >= 2, got ", height, "x", width);
+  TORCH_CHECK(num_prefix_tokens >= 0, "num_prefix_tokens must be >= 0");
+  const Checkerboard grid{height, width, num_prefix_tokens};
+  TORCH_CHECK(tokens.size(1) == grid.num_tokens(), name, " has N=", tokens.size(1), " tokens, expected P + H*W = ",
+              grid.num_tokens());
+  return grid;
+}
+
+inline void check_size(const c10::optional<at::Tensor>& size, const at::Tensor& x) {
+  if (size.has_value()) {
+    TORCH_CHECK(size->dim() == 2 && size->size(0) == x.size(0) && size->size(1) == x.size(1),
+                "size must have shape [B, N] = [", x.size(0), ", ", x.size(1), "], got ", size->sizes());
+    TORCH_CHECK(size->device() == x.device(), "size must be on the device of x");
+  }
+}
+
+inline void check_matching(const at::Tensor& matching, const at::Tensor& x, const Checkerboard& grid) {
+  TORCH_CHECK(matching.device() == x.device(), "matching must be on the device of x");
+  if (matching.scalar_type() == at::kLong) {
+    TORCH_CHECK(matching.dim() == 2 && matching.size(0) == x.size(0) && matching.size(1) == grid.num_a(),
+                "matching index must have shape [B, NA] = [", x.size(0), ", ", grid.num_a(), "], got ",
+                matching.sizes());
+  } else {
+    TORCH_CHECK(matching.dim() == 3 && matching.size(0) == x.size(0) && matching.size(1) == grid.num_a() &&
+                    matching.size(2) == grid.num_b(),
+                "matching must have shape [B, NA, NB] = [", x.size(0), ", ", grid.num_a(), ", ", grid.num_b(),
+                "], got ", matching.sizes());
+  }
+}
+
+inline at::ScalarType accumulation_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace fpet
