@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import compiled, reference
+from . import triton as triton_backend
 
 __all__ = [
     "BACKENDS",
@@ -33,12 +34,12 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but is not built or cannot run here."""
 
 
-# Why each compiled backend is unavailable in this build; a backend missing from this dict is available.
-_UNAVAILABLE = {
-    "triton": "the Triton kernels are not part of this version of fpet_kernels",
-}
-_UNAVAILABLE.update(compiled.unavailable_reasons())  # cpp / cuda: fpet_kernels._C not built, no CUDA kernels or device
-_IMPLEMENTATIONS = {"reference": reference, "cpp": compiled.cpp, "cuda": compiled.cuda}
+# Why each compiled backend cannot run here; a backend missing from this dict is available.
+_UNAVAILABLE = dict(compiled.unavailable_reasons())  # cpp / cuda: fpet_kernels._C not built, no CUDA kernels or device
+_TRITON_REASON = triton_backend.unavailable_reason()  # triton missing, or neither a GPU nor TRITON_INTERPRET=1
+if _TRITON_REASON is not None:
+    _UNAVAILABLE["triton"] = _TRITON_REASON
+_IMPLEMENTATIONS = {"reference": reference, "cpp": compiled.cpp, "cuda": compiled.cuda, "triton": triton_backend}
 
 
 def available_backends() -> Tuple[str, ...]:

@@ -1,0 +1,68 @@
+"""Helpers shared by the Triton kernels: checkerboard token indexing (SPEC section 2, step 3) and launch settings."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    """The Triton backend computes in float32 at most: float64 belongs to the reference and cpp backends."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the triton backend supports float32, bfloat16 and float16 {name}, got {t.dtype}; "
+            f"use backend='reference' or 'cpp' for float64"
+        )
+
+
+def autotune_configs(configs: List[triton.Config]) -> List[triton.Config]:
+    """All configs on a GPU; the first one only under the interpreter (it cannot time kernels)."""
+    return configs[:1] if INTERPRET else configs
+
+
+def padded(n: int, minimum: int = 16) -> int:
+    """Power-of-two block covering ``n`` (at least ``minimum``, the smallest tl.dot operand size)."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def dot_in_float32(dtype: torch.dtype) -> bool:
+    """Whether tl.dot operands are upcast to float32 first (and multiplied as tf32x3, float32-level accuracy): always
+    for float32 inputs, and for bfloat16 under the interpreter, whose bfloat16 tl.dot is wrong. On a GPU, 16-bit
+    operands go to the tensor cores as they are; their products are exact and the sums accumulate in float32."""
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+
+
+@triton.jit
+def a_token(i, width, num_prefix):
+    """Token index of A position ``i``: the i-th grid cell with even ``r + c``, row-major. For odd W it is cell 2i;
+    for even W each row holds W/2 A cells, shifted by one on odd rows."""
+    even_width = 1 - width % 2
+    return num_prefix + 2 * i + ((2 * i // width) & 1) * even_width
+
+
+@triton.jit
+def b_token(j, width, num_prefix):
+    """Token index of B position ``j``: the prefix tokens first, then the cells with odd ``r + c``, row-major."""
+    even_width = 1 - width % 2
+    jj = tl.maximum(j - num_prefix, 0)
+    cell = 2 * jj + 1 - ((2 * jj // width) & 1) * even_width
+    return tl.where(j < num_prefix, j, num_prefix + cell)
+
+
+@triton.jit
+def token_to_ab(n, width, num_prefix):
+    """Inverse map: token ``n`` -> (is an A token, its position in A or in B)."""
+    cell = tl.maximum(n - num_prefix, 0)
+    row = cell // width
+    col = cell % width
+    is_a = (n >= num_prefix) & ((row + col) % 2 == 0)
+    position = tl.where(n < num_prefix, n, tl.where(is_a, cell // 2, num_prefix + cell // 2))
+    return is_a, position

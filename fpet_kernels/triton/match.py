@@ -1,0 +1,119 @@
+"""ste_match: straight-through one-hot matching of each A row to its best B column (SPEC section 2, step 5), and
+its backward (SPEC section 3). Each program holds whole rows of the score matrix on chip."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import padded
+
+
+@triton.jit
+def ste_sigmoid_slope(scores, threshold):
+    """``sigma'(S - t) = Soft (1 - Soft)`` in float32; 0 for -inf (prefix) scores."""
+    soft = 1.0 / (1.0 + tl.exp(threshold[:, None] - scores))
+    return soft * (1.0 - soft)
+
+
+@triton.jit
+def ste_backward(grad_matching, slope, cols, index, top2):
+    """``dL/dS = sigma' dL/dM - [j in top2] / 2 * sum_l sigma'_l dL/dM_l`` per row; a column that is both top1 and
+    top2 gets both halves."""
+    weighted = slope * grad_matching
+    row_sum = tl.sum(weighted, axis=1)
+    in_top2 = (cols[None, :] == index[:, None]).to(tl.float32) + (cols[None, :] == top2[:, None]).to(tl.float32)
+    return weighted - 0.5 * row_sum[:, None] * in_top2
+
+
+@triton.jit
+def _ste_match_kernel(
+    scores_ptr, matching_ptr, index_ptr, top2_ptr, threshold_ptr,
+    rows, NB, stride_sr, stride_sn,
+    BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr,
+):
+    """BLOCK_R rows of ``scores [rows, NB]`` -> one-hot ``matching`` (scores' dtype), argmax ``index`` (int64, lowest
+    column on ties), ``top2`` (int32) and ``threshold = (top1 + top2) / 2`` (float32)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rows
+    cols = tl.arange(0, BLOCK_NB)
+    mask = r_mask[:, None] & (cols < NB)[None, :]
+    scores = tl.load(scores_ptr + offs_r[:, None].to(tl.int64) * stride_sr + cols[None, :] * stride_sn,
+                     mask=mask, other=float("-inf")).to(tl.float32)
+    top1 = tl.max(scores, axis=1)
+    index = tl.argmax(scores, axis=1, tie_break_left=True).to(tl.int32)
+    rest = tl.where(cols[None, :] == index[:, None], float("-inf"), scores)
+    second = tl.max(rest, axis=1)
+    top2 = tl.argmax(rest, axis=1, tie_break_left=True).to(tl.int32)
+    single = second == float("-inf")  # a single finite column: top2 = top1
+    second = tl.where(single, top1, second)
+    top2 = tl.where(single, index, top2)
+    # M = Soft + stopgrad(Hard - Soft) is exactly Hard in value (Soft >= 1/2 at the argmax, so 1 - Soft is exact).
+    hard = tl.where(cols[None, :] == index[:, None], 1.0, 0.0).to(matching_ptr.dtype.element_ty)
+    tl.store(matching_ptr + offs_r[:, None].to(tl.int64) * NB + cols[None, :], hard, mask=mask)
+    tl.store(index_ptr + offs_r, index.to(tl.int64), mask=r_mask)
+    tl.store(top2_ptr + offs_r, top2, mask=r_mask)
+    tl.store(threshold_ptr + offs_r, (top1 + second) / 2, mask=r_mask)
+
+
+@triton.jit
+def _ste_match_bwd_kernel(
+    grad_matching_ptr, scores_ptr, index_ptr, top2_ptr, threshold_ptr, grad_scores_ptr,
+    rows, NB, stride_gr, stride_gn, stride_sr, stride_sn,
+    BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr,
+):
+    """BLOCK_R rows of ``dL/dM`` -> ``dL/dS`` (scores' dtype)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rows
+    cols = tl.arange(0, BLOCK_NB)
+    mask = r_mask[:, None] & (cols < NB)[None, :]
+    rows64 = offs_r[:, None].to(tl.int64)
+    scores = tl.load(scores_ptr + rows64 * stride_sr + cols[None, :] * stride_sn, mask=mask, other=float("-inf"))
+    grad_matching = tl.load(grad_matching_ptr + rows64 * stride_gr + cols[None, :] * stride_gn, mask=mask, other=0.0)
+    threshold = tl.load(threshold_ptr + offs_r, mask=r_mask, other=0.0)
+    index = tl.load(index_ptr + offs_r, mask=r_mask, other=0).to(tl.int32)
+    top2 = tl.load(top2_ptr + offs_r, mask=r_mask, other=0)
+    slope = ste_sigmoid_slope(scores.to(tl.float32), threshold)
+    grad = ste_backward(grad_matching.to(tl.float32), slope, cols, index, top2)
+    tl.store(grad_scores_ptr + rows64 * NB + cols[None, :], grad.to(grad_scores_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows_per_program(num_b: int) -> int:
+    return max(1, 4096 // padded(num_b))
+
+
+def launch_ste_match(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``scores [B, NA, NB]`` -> ``(matching [B, NA, NB], index [B, NA] int64, top2 int32, threshold float32)``."""
+    batch, num_a, num_b = scores.shape
+    rows = scores.reshape(batch * num_a, num_b)
+    matching = torch.empty(batch, num_a, num_b, dtype=scores.dtype, device=scores.device)
+    index = torch.empty(batch, num_a, dtype=torch.int64, device=scores.device)
+    top2 = torch.empty(batch, num_a, dtype=torch.int32, device=scores.device)
+    threshold = torch.empty(batch, num_a, dtype=torch.float32, device=scores.device)
+    block_r = _rows_per_program(num_b)
+    wrap_triton(_ste_match_kernel)[(triton.cdiv(batch * num_a, block_r),)](
+        rows, matching, index, top2, threshold,
+        batch * num_a, num_b, rows.stride(0), rows.stride(1),
+        BLOCK_R=block_r, BLOCK_NB=padded(num_b), num_warps=4,
+    )
+    return matching, index, top2, threshold
+
+
+def launch_ste_match_backward(
+    grad_matching: torch.Tensor, scores: torch.Tensor, index: torch.Tensor, top2: torch.Tensor,
+    threshold: torch.Tensor,
+) -> torch.Tensor:
+    batch, num_a, num_b = scores.shape
+    rows = scores.reshape(batch * num_a, num_b)
+    grad_rows = grad_matching.reshape(batch * num_a, num_b)
+    grad_scores = torch.empty(batch, num_a, num_b, dtype=scores.dtype, device=scores.device)
+    block_r = _rows_per_program(num_b)
+    wrap_triton(_ste_match_bwd_kernel)[(triton.cdiv(batch * num_a, block_r),)](
+        grad_rows, rows, index, top2, threshold, grad_scores,
+        batch * num_a, num_b, grad_rows.stride(0), grad_rows.stride(1), rows.stride(0), rows.stride(1),
+        BLOCK_R=block_r, BLOCK_NB=padded(num_b), num_warps=4,
+    )
+    return grad_scores

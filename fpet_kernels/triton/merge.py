@@ -1,0 +1,494 @@
+"""scatter_mean_merge and the fused merge_tokens backward (SPEC section 2, step 6; section 3).
+
+Forward (one-hot matching): an inverse index (A rows grouped by matched B column, ascending A position) is built
+deterministically, then every B row sums its members in that fixed order: no float atomics, same result run to
+run. Forward with a dense float matching: ``T = s_B x_B + M^T (s_A x_A)`` as a blocked GEMM.
+
+Backward, with ``gz_j = g_j / Z_j`` and ``q_j = <x'_j, g_j> / Z_j - h_j``:
+``dL/dx_n = s_n gz_j(n)``, ``dL/ds_n = <x_n, gz_j(n)> - q_j(n)`` for every token n (j(n) = k(n) for A tokens),
+``dL/dM[i, j] = s_A[i] (<x_A[i], gz_j> - q_j)``. ``x'`` is the merged output in x's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import a_token, autotune_configs, b_token, dot_in_float32, padded, token_to_ab
+from .match import ste_backward, ste_sigmoid_slope
+from .similarity import a_block_rows, cosine_backward_block, launch_cosine_backward_b, unit_rows
+
+
+# ------------------------------------------------------------------------------------ inverse index (counting sort)
+@triton.jit
+def _inverse_index_kernel(
+    index_ptr, order_ptr, offsets_ptr, NA, NB,
+    BLOCK_NA: tl.constexpr, BLOCK_OFFSETS: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program per batch element: ``order [NA]`` lists the A positions sorted by (k(i), i) and
+    ``offsets [NB + 1]`` the start of each B column's run in it. Position of i = #{i' : (k(i'), i') < (k(i), i)}."""
+    batch = tl.program_id(0).to(tl.int64)
+    offs_i = tl.arange(0, BLOCK_NA)
+    i_mask = offs_i < NA
+    key_i = tl.load(index_ptr + batch * NA + offs_i, mask=i_mask, other=NB).to(tl.int32) * NA + offs_i
+    offs_j = tl.arange(0, BLOCK_OFFSETS)
+    position = tl.zeros([BLOCK_NA], tl.int32)
+    count_below = tl.zeros([BLOCK_OFFSETS], tl.int32)
+    for start in range(0, NA, CHUNK):
+        offs_c = start + tl.arange(0, CHUNK)
+        c_mask = offs_c < NA
+        k_c = tl.load(index_ptr + batch * NA + offs_c, mask=c_mask, other=NB).to(tl.int32)
+        key_c = k_c * NA + offs_c
+        position += tl.sum(((key_c[None, :] < key_i[:, None]) & c_mask[None, :]).to(tl.int32), axis=1)
+        count_below += tl.sum(((k_c[None, :] < offs_j[:, None]) & c_mask[None, :]).to(tl.int32), axis=1)
+    tl.store(order_ptr + batch * NA + position, offs_i, mask=i_mask)
+    tl.store(offsets_ptr + batch * (NB + 1) + offs_j, count_below, mask=offs_j <= NB)
+
+
+def launch_inverse_index(index: torch.Tensor, num_b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``index [B, NA]`` int64 -> ``(order [B, NA], offsets [B, NB + 1])`` int32."""
+    batch, num_a = index.shape
+    index = index.contiguous()
+    order = torch.empty(batch, num_a, dtype=torch.int32, device=index.device)
+    offsets = torch.empty(batch, num_b + 1, dtype=torch.int32, device=index.device)
+    block_na, block_offsets = padded(num_a), padded(num_b + 1)
+    chunk = max(16, min(block_na, 8192 // max(block_na, block_offsets)))
+    wrap_triton(_inverse_index_kernel)[(batch,)](
+        index, order, offsets, num_a, num_b,
+        BLOCK_NA=block_na, BLOCK_OFFSETS=block_offsets, CHUNK=chunk, num_warps=4,
+    )
+    return order, offsets
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@triton.jit
+def _scatter_mean_merge_kernel(
+    x_ptr, size_ptr, order_ptr, offsets_ptr, out_ptr, out_size_ptr,
+    NA, NB, C, width, num_prefix,
+    stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_ob, stride_on,
+    HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program: B row j, BLOCK_C channels. ``x'_j = (s_B x_B + sum_{i: k(i)=j} s_A[i] x_A[i]) / Z_j``, the sum in
+    ascending i."""
+    j = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    x_ptr += batch * stride_xb
+    token = b_token(j, width, num_prefix)
+    weight = tl.load(size_ptr + batch * stride_sb + token * stride_sn).to(tl.float32) if HAS_SIZE else 1.0
+    total = weight * tl.load(x_ptr + token * stride_xn + offs_c * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
+    merged_size = weight
+    start = tl.load(offsets_ptr + batch * (NB + 1) + j)
+    end = tl.load(offsets_ptr + batch * (NB + 1) + j + 1)
+    for t in range(start, end):
+        token = a_token(tl.load(order_ptr + batch * NA + t), width, num_prefix)
+        weight = tl.load(size_ptr + batch * stride_sb + token * stride_sn).to(tl.float32) if HAS_SIZE else 1.0
+        total += weight * tl.load(x_ptr + token * stride_xn + offs_c * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
+        merged_size += weight
+    out = total / merged_size
+    tl.store(out_ptr + batch * stride_ob + j * stride_on + offs_c, out.to(out_ptr.dtype.element_ty), mask=c_mask)
+    if tl.program_id(2) == 0:
+        tl.store(out_size_ptr + batch * NB + j, merged_size)
+
+
+def _channel_block(channels: int) -> int:
+    return min(1024, triton.next_power_of_2(channels))
+
+
+def _size_args(size: Optional[torch.Tensor], x: torch.Tensor):
+    return (size, size.stride(0), size.stride(1)) if size is not None else (x, 0, 0)
+
+
+def launch_scatter_mean_merge(
+    x: torch.Tensor, size: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor,
+    width: int, num_prefix_tokens: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    batch, _, channels = x.shape
+    num_a, num_b = order.shape[1], offsets.shape[1] - 1
+    out = torch.empty(batch, num_b, channels, dtype=x.dtype, device=x.device)
+    out_size = torch.empty(batch, num_b, dtype=torch.float32, device=x.device)
+    size_t, stride_sb, stride_sn = _size_args(size, x)
+    block_c = _channel_block(channels)
+    wrap_triton(_scatter_mean_merge_kernel)[(num_b, batch, triton.cdiv(channels, block_c))](
+        x, size_t, order, offsets, out, out_size,
+        num_a, num_b, channels, width, num_prefix_tokens,
+        x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn, out.stride(0), out.stride(1),
+        HAS_SIZE=size is not None, BLOCK_C=block_c, num_warps=4 if block_c <= 512 else 8,
+    )
+    return out, out_size
+
+
+_DENSE_CONFIGS = [
+    triton.Config({"BLOCK_J": 32, "BLOCK_I": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_J": 64, "BLOCK_I": 32, "BLOCK_C": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_J": 64, "BLOCK_I": 64, "BLOCK_C": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_J": 128, "BLOCK_I": 32, "BLOCK_C": 128}, num_warps=8, num_stages=2),
+]
+
+
+@triton.autotune(configs=autotune_configs(_DENSE_CONFIGS), key=["NA", "NB", "C"])
+@triton.jit
+def _scatter_mean_merge_dense_kernel(
+    x_ptr, size_ptr, matching_ptr, out_ptr, out_size_ptr,
+    NA, NB, C, width, num_prefix,
+    stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_mb, stride_ma, stride_mn,
+    stride_ob, stride_on,
+    HAS_SIZE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Dense float matching: ``T_j = s_B x_B + sum_i M[i, j] s_A[i] x_A[i]``, ``Z_j = s_B + sum_i M[i, j] s_A[i]``,
+    summed over i in a fixed blocked order, float32 IEEE products."""
+    batch = tl.program_id(1).to(tl.int64)
+    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_mask = offs_j < NB
+    c_mask = offs_c < C
+    x_ptr += batch * stride_xb
+    tokens_b = b_token(offs_j, width, num_prefix)
+    if HAS_SIZE:
+        s_b = tl.load(size_ptr + batch * stride_sb + tokens_b * stride_sn, mask=j_mask, other=1.0).to(tl.float32)
+    else:
+        s_b = tl.full([BLOCK_J], 1.0, tl.float32)
+    x_b = tl.load(x_ptr + tokens_b[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                  mask=j_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    total = s_b[:, None] * x_b
+    merged_size = s_b
+    for start in range(0, NA, BLOCK_I):
+        offs_i = start + tl.arange(0, BLOCK_I)
+        i_mask = offs_i < NA
+        tokens_a = a_token(offs_i, width, num_prefix)
+        if HAS_SIZE:
+            s_a = tl.load(size_ptr + batch * stride_sb + tokens_a * stride_sn, mask=i_mask, other=0.0).to(tl.float32)
+        else:
+            s_a = tl.where(i_mask, 1.0, 0.0)
+        m_t = tl.load(matching_ptr + batch * stride_mb + offs_i[None, :] * stride_ma + offs_j[:, None] * stride_mn,
+                      mask=j_mask[:, None] & i_mask[None, :], other=0.0).to(tl.float32)
+        weights = m_t * s_a[None, :]
+        x_a = tl.load(x_ptr + tokens_a[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                      mask=i_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        total += tl.dot(weights, x_a, input_precision="tf32x3")
+        merged_size += tl.sum(weights, axis=1)
+    out = total / merged_size[:, None]
+    tl.store(out_ptr + batch * stride_ob + offs_j[:, None] * stride_on + offs_c[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=j_mask[:, None] & c_mask[None, :])
+    if tl.program_id(2) == 0:
+        tl.store(out_size_ptr + batch * NB + offs_j, merged_size, mask=j_mask)
+
+
+def launch_scatter_mean_merge_dense(
+    x: torch.Tensor, size: Optional[torch.Tensor], matching: torch.Tensor, width: int, num_prefix_tokens: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    batch, _, channels = x.shape
+    num_a, num_b = matching.shape[1:]
+    out = torch.empty(batch, num_b, channels, dtype=x.dtype, device=x.device)
+    out_size = torch.empty(batch, num_b, dtype=torch.float32, device=x.device)
+    size_t, stride_sb, stride_sn = _size_args(size, x)
+    def grid(meta):
+        return triton.cdiv(num_b, meta["BLOCK_J"]), batch, triton.cdiv(channels, meta["BLOCK_C"])
+
+    wrap_triton(_scatter_mean_merge_dense_kernel)[grid](
+        x, size_t, matching, out, out_size,
+        num_a, num_b, channels, width, num_prefix_tokens,
+        x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn,
+        matching.stride(0), matching.stride(1), matching.stride(2), out.stride(0), out.stride(1),
+        HAS_SIZE=size is not None,
+    )
+    return out, out_size
+
+
+# ------------------------------------------------------------------------------------------------ backward
+@triton.jit
+def _merge_row_terms_kernel(
+    merged_ptr, grad_merged_ptr, merged_size_ptr, grad_size_ptr, q_ptr,
+    NB, C, stride_ob, stride_on, stride_gb, stride_gn, stride_gc, stride_hb, stride_hn,
+    HAS_GRAD_SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per B row: ``q_j = <x'_j, g_j> / Z_j - h_j`` (float32)."""
+    j = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, C, BLOCK_C):
+        offs_c = start + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        merged = tl.load(merged_ptr + batch * stride_ob + j * stride_on + offs_c, mask=c_mask, other=0.0)
+        grad = tl.load(grad_merged_ptr + batch * stride_gb + j * stride_gn + offs_c * stride_gc, mask=c_mask, other=0.0)
+        acc += merged.to(tl.float32) * grad.to(tl.float32)
+    q = tl.sum(acc, axis=0) / tl.load(merged_size_ptr + batch * NB + j)
+    if HAS_GRAD_SIZE:
+        q -= tl.load(grad_size_ptr + batch * stride_hb + j * stride_hn).to(tl.float32)
+    tl.store(q_ptr + batch * NB + j, q)
+
+
+@triton.jit
+def _scatter_mean_merge_bwd_kernel(
+    x_ptr, size_ptr, index_ptr, grad_merged_ptr, merged_size_ptr, q_ptr, grad_x_ptr, grad_size_ptr,
+    N, NA, NB, C, width, num_prefix,
+    stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_gb, stride_gn, stride_gc,
+    HAS_SIZE: tl.constexpr, ALL_TOKENS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per token: ``dL/dx_n = s_n g_j / Z_j``, ``dL/ds_n = <x_n, g_j> / Z_j - q_j``, with j = the token's
+    own B position, or k(i) for A token i. ALL_TOKENS=False: only the B tokens (program id = B position)."""
+    row = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    if ALL_TOKENS:
+        token = row
+        is_a, position = token_to_ab(token, width, num_prefix)
+        j = tl.where(is_a, tl.load(index_ptr + batch * NA + position, mask=is_a, other=0).to(tl.int32), position)
+    else:
+        token = b_token(row, width, num_prefix)
+        j = row
+    inv_z = 1.0 / tl.load(merged_size_ptr + batch * NB + j)
+    weight = tl.load(size_ptr + batch * stride_sb + token * stride_sn).to(tl.float32) if HAS_SIZE else 1.0
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, C, BLOCK_C):
+        offs_c = start + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        grad = tl.load(grad_merged_ptr + batch * stride_gb + j * stride_gn + offs_c * stride_gc, mask=c_mask, other=0.0)
+        grad = grad.to(tl.float32) * inv_z
+        tl.store(grad_x_ptr + (batch * N + token) * C + offs_c, (weight * grad).to(grad_x_ptr.dtype.element_ty),
+                 mask=c_mask)
+        if HAS_SIZE:
+            x = tl.load(x_ptr + batch * stride_xb + token * stride_xn + offs_c * stride_xc, mask=c_mask, other=0.0)
+            acc += x.to(tl.float32) * grad
+    if HAS_SIZE:
+        grad_size = tl.sum(acc, axis=0) - tl.load(q_ptr + batch * NB + j)
+        tl.store(grad_size_ptr + batch * N + token, grad_size.to(grad_size_ptr.dtype.element_ty))
+
+
+@triton.jit
+def xa_dot_grad(x_ptr, grad_merged_ptr, tokens_a, a_mask, b_mask, C,
+                stride_xn, stride_xc, stride_gn, stride_gc,
+                BLOCK_A: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``<x_A[i], g_j>`` for a block of A rows and every B column: ``X_A G^T``, K = C in blocks (float32 accumulator).
+    ``x_ptr`` / ``grad_merged_ptr`` already point at this batch element."""
+    offs_b = tl.arange(0, BLOCK_NB)
+    acc = tl.zeros([BLOCK_A, BLOCK_NB], tl.float32)
+    for start in range(0, C, BLOCK_C):
+        offs_c = start + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        x_a = tl.load(x_ptr + tokens_a[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                      mask=a_mask[:, None] & c_mask[None, :], other=0.0)
+        grad = tl.load(grad_merged_ptr + offs_b[:, None] * stride_gn + offs_c[None, :] * stride_gc,
+                       mask=b_mask[:, None] & c_mask[None, :], other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(x_a.to(tl.float32), tl.trans(grad.to(tl.float32)), input_precision="tf32x3")
+        else:
+            acc += tl.dot(x_a, tl.trans(grad.to(x_a.dtype)))
+    return acc
+
+
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK_C": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_C": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_C": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_C": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_C": 32}, num_warps=4, num_stages=3),
+]
+
+
+@triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=["NB", "C", "BLOCK_A", "DOT_FP32"])
+@triton.jit
+def _scatter_mean_merge_dense_bwd_kernel(
+    x_ptr, size_ptr, matching_ptr, grad_merged_ptr, merged_size_ptr, q_ptr,
+    grad_x_ptr, grad_size_ptr, grad_matching_ptr,
+    N, NA, NB, C, width, num_prefix,
+    stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_mb, stride_ma, stride_mn,
+    stride_gb, stride_gn, stride_gc,
+    HAS_SIZE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Dense matching, A side, one program per BLOCK_A rows with all B columns on chip:
+    ``E = X_A G^T / Z - q``, ``dL/dM = s_A E``, ``dL/ds_A = sum_j M E``, ``dL/dx_A = s_A M (G / Z)``."""
+    pid_a = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = offs_a < NA
+    offs_b = tl.arange(0, BLOCK_NB)
+    b_mask = offs_b < NB
+    tokens_a = a_token(offs_a, width, num_prefix)
+    x_ptr += batch * stride_xb
+    grad_merged_ptr += batch * stride_gb
+    inv_z = 1.0 / tl.load(merged_size_ptr + batch * NB + offs_b, mask=b_mask, other=1.0)
+    q = tl.load(q_ptr + batch * NB + offs_b, mask=b_mask, other=0.0)
+    if HAS_SIZE:
+        s_a = tl.load(size_ptr + batch * stride_sb + tokens_a * stride_sn, mask=a_mask, other=0.0).to(tl.float32)
+    else:
+        s_a = tl.full([BLOCK_A], 1.0, tl.float32)
+    ab_mask = a_mask[:, None] & b_mask[None, :]
+    matching = tl.load(matching_ptr + batch * stride_mb + offs_a[:, None] * stride_ma + offs_b[None, :] * stride_mn,
+                       mask=ab_mask, other=0.0).to(tl.float32)
+    spread = matching * inv_z[None, :]  # M / Z: dL/dx_A = s_A (M / Z) G
+    for start in range(0, C, BLOCK_C):
+        offs_c = start + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        grad = tl.load(grad_merged_ptr + offs_b[:, None] * stride_gn + offs_c[None, :] * stride_gc,
+                       mask=b_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        grad_x = s_a[:, None] * tl.dot(spread, grad, input_precision="tf32x3")
+        tl.store(grad_x_ptr + (batch * N + tokens_a[:, None]) * C + offs_c[None, :],
+                 grad_x.to(grad_x_ptr.dtype.element_ty), mask=a_mask[:, None] & c_mask[None, :])
+    excess = xa_dot_grad(x_ptr, grad_merged_ptr, tokens_a, a_mask, b_mask, C, stride_xn, stride_xc,
+                         stride_gn, stride_gc, BLOCK_A, BLOCK_NB, BLOCK_C, DOT_FP32)
+    excess = excess * inv_z[None, :] - q[None, :]
+    tl.store(grad_matching_ptr + (batch * NA + offs_a[:, None]) * NB + offs_b[None, :],
+             (s_a[:, None] * excess).to(grad_matching_ptr.dtype.element_ty), mask=ab_mask)
+    if HAS_SIZE:
+        grad_size = tl.sum(tl.where(ab_mask, matching * excess, 0.0), axis=1)
+        tl.store(grad_size_ptr + batch * N + tokens_a, grad_size.to(grad_size_ptr.dtype.element_ty), mask=a_mask)
+
+
+@triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=["NB", "C", "BLOCK_A", "BLOCK_D", "DOT_FP32"])
+@triton.jit
+def _merge_tokens_bwd_kernel(
+    x_ptr, size_ptr, metric_ptr, grad_merged_ptr, merged_size_ptr, q_ptr,
+    index_ptr, top2_ptr, threshold_ptr, grad_metric_ptr, partial_ptr,
+    NA, NB, C, head_dim, width, num_prefix, num_a_blocks,
+    stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_mb, stride_mn, stride_md,
+    stride_gb, stride_gn, stride_gc, stride_db, stride_dn, stride_dd,
+    HAS_SIZE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Fused merge_tokens backward to the metric, one program per BLOCK_A rows of A with all B columns on chip:
+    ``dL/dM`` (one GEMM + rank-1 terms), the STE backward to ``dL/dS`` (S recomputed from the metric), then the
+    cosine backward. Neither ``dL/dM`` nor ``dL/dS`` is written to memory (SPEC section 3)."""
+    pid_a = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = offs_a < NA
+    offs_b = tl.arange(0, BLOCK_NB)
+    b_mask = offs_b < NB
+    tokens_a = a_token(offs_a, width, num_prefix)
+    inv_z = 1.0 / tl.load(merged_size_ptr + batch * NB + offs_b, mask=b_mask, other=1.0)
+    q = tl.load(q_ptr + batch * NB + offs_b, mask=b_mask, other=0.0)
+    if HAS_SIZE:
+        s_a = tl.load(size_ptr + batch * stride_sb + tokens_a * stride_sn, mask=a_mask, other=0.0).to(tl.float32)
+    else:
+        s_a = tl.full([BLOCK_A], 1.0, tl.float32)
+    grad_matching = xa_dot_grad(x_ptr + batch * stride_xb, grad_merged_ptr + batch * stride_gb, tokens_a, a_mask,
+                                b_mask, C, stride_xn, stride_xc, stride_gn, stride_gc,
+                                BLOCK_A, BLOCK_NB, BLOCK_C, DOT_FP32)
+    grad_matching = s_a[:, None] * (grad_matching * inv_z[None, :] - q[None, :])
+
+    # STE backward with S recomputed (the forward kept only index, top2 and threshold per row).
+    metric_ptr += batch * stride_mb
+    offs_d = tl.arange(0, BLOCK_D)
+    unit_a = unit_rows(metric_ptr, tokens_a, a_mask, offs_d, head_dim, stride_mn, stride_md)[0]
+    unit_b, _ = unit_rows(metric_ptr, b_token(offs_b, width, num_prefix), b_mask, offs_d, head_dim,
+                          stride_mn, stride_md)
+    scores = tl.dot(unit_a, tl.trans(unit_b), input_precision="tf32x3")
+    scores = tl.where(b_mask[None, :] & (offs_b >= num_prefix)[None, :], scores, float("-inf"))
+    threshold = tl.load(threshold_ptr + batch * NA + offs_a, mask=a_mask, other=0.0)
+    index = tl.load(index_ptr + batch * NA + offs_a, mask=a_mask, other=0).to(tl.int32)
+    top2 = tl.load(top2_ptr + batch * NA + offs_a, mask=a_mask, other=0)
+    grad_scores = ste_backward(grad_matching, ste_sigmoid_slope(scores, threshold), offs_b, index, top2)
+    grad_scores = tl.where(a_mask[:, None] & b_mask[None, :], grad_scores, 0.0)
+    cosine_backward_block(
+        grad_scores, batch, pid_a, offs_a, a_mask, offs_b, b_mask,
+        metric_ptr, grad_metric_ptr + batch * stride_db, partial_ptr,
+        head_dim, width, num_prefix, num_a_blocks, NB,
+        stride_mn, stride_md, stride_dn, stride_dd, BLOCK_D,
+    )
+
+
+def _row_terms(merged, grad_merged, merged_size, grad_size) -> torch.Tensor:
+    batch, num_b, channels = merged.shape
+    q = torch.empty(batch, num_b, dtype=torch.float32, device=merged.device)
+    grad_size_t, stride_hb, stride_hn = (grad_size, grad_size.stride(0), grad_size.stride(1)) \
+        if grad_size is not None else (merged_size, 0, 0)
+    wrap_triton(_merge_row_terms_kernel)[(num_b, batch)](
+        merged, grad_merged, merged_size, grad_size_t, q,
+        num_b, channels, merged.stride(0), merged.stride(1),
+        grad_merged.stride(0), grad_merged.stride(1), grad_merged.stride(2), stride_hb, stride_hn,
+        HAS_GRAD_SIZE=grad_size is not None, BLOCK_C=min(512, triton.next_power_of_2(channels)), num_warps=4,
+    )
+    return q
+
+
+def _token_grads(x, size, index, grad_merged, merged_size, q, grad_x, grad_size, width, num_prefix_tokens,
+                 all_tokens: bool) -> None:
+    batch, num_tokens, channels = x.shape
+    num_a, num_b = (num_tokens - num_prefix_tokens + 1) // 2, merged_size.shape[1]
+    size_t, stride_sb, stride_sn = _size_args(size, x)
+    index_t = index if index is not None else merged_size
+    wrap_triton(_scatter_mean_merge_bwd_kernel)[(num_tokens if all_tokens else num_b, batch)](
+        x, size_t, index_t, grad_merged, merged_size, q, grad_x, grad_size if grad_size is not None else grad_x,
+        num_tokens, num_a, num_b, channels, width, num_prefix_tokens,
+        x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn,
+        grad_merged.stride(0), grad_merged.stride(1), grad_merged.stride(2),
+        HAS_SIZE=size is not None, ALL_TOKENS=all_tokens, BLOCK_C=min(512, triton.next_power_of_2(channels)),
+        num_warps=4,
+    )
+
+
+def _empty_grads(x: torch.Tensor, size: Optional[torch.Tensor]):
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad_size = torch.empty(size.shape, dtype=size.dtype, device=x.device) if size is not None else None
+    return grad_x, grad_size
+
+
+def launch_scatter_mean_merge_backward(
+    x, size, index, merged, merged_size, grad_merged, grad_size, width: int, num_prefix_tokens: int,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One-hot (index) merge backward -> ``(dL/dx [B, N, C], dL/dsize [B, N] or None)``."""
+    q = _row_terms(merged, grad_merged, merged_size, grad_size)
+    grad_x, grad_in_size = _empty_grads(x, size)
+    _token_grads(x, size, index, grad_merged, merged_size, q, grad_x, grad_in_size, width, num_prefix_tokens, True)
+    return grad_x, grad_in_size
+
+
+def launch_scatter_mean_merge_dense_backward(
+    x, size, matching, merged, merged_size, grad_merged, grad_size, width: int, num_prefix_tokens: int,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Dense-matching merge backward -> ``(dL/dx, dL/dsize or None, dL/dmatching [B, NA, NB])``."""
+    batch, num_tokens, channels = x.shape
+    num_a, num_b = matching.shape[1:]
+    q = _row_terms(merged, grad_merged, merged_size, grad_size)
+    grad_x, grad_in_size = _empty_grads(x, size)
+    grad_matching = torch.empty(batch, num_a, num_b, dtype=matching.dtype, device=x.device)
+    _token_grads(x, size, None, grad_merged, merged_size, q, grad_x, grad_in_size, width, num_prefix_tokens, False)
+    size_t, stride_sb, stride_sn = _size_args(size, x)
+    block_a = a_block_rows(num_b)
+    wrap_triton(_scatter_mean_merge_dense_bwd_kernel)[(triton.cdiv(num_a, block_a), batch)](
+        x, size_t, matching, grad_merged, merged_size, q,
+        grad_x, grad_in_size if grad_in_size is not None else grad_x, grad_matching,
+        num_tokens, num_a, num_b, channels, width, num_prefix_tokens,
+        x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn,
+        matching.stride(0), matching.stride(1), matching.stride(2),
+        grad_merged.stride(0), grad_merged.stride(1), grad_merged.stride(2),
+        HAS_SIZE=size is not None, BLOCK_A=block_a, BLOCK_NB=padded(num_b),
+        DOT_FP32=dot_in_float32(x.dtype),
+    )
+    return grad_x, grad_in_size, grad_matching
+
+
+def launch_merge_tokens_backward(
+    x, metric, size, merged, merged_size, index, top2, threshold, grad_merged, grad_size,
+    width: int, num_prefix_tokens: int, metric_grad: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Fused merge_tokens backward -> ``(dL/dx, dL/dmetric or None, dL/dsize or None)``."""
+    q = _row_terms(merged, grad_merged, merged_size, grad_size)
+    grad_x, grad_in_size = _empty_grads(x, size)
+    _token_grads(x, size, index, grad_merged, merged_size, q, grad_x, grad_in_size, width, num_prefix_tokens, True)
+    if not metric_grad:
+        return grad_x, None, grad_in_size
+    batch, num_tokens, channels = x.shape
+    num_a, num_b, head_dim = index.shape[1], merged.shape[1], metric.shape[2]
+    block_a, block_d = a_block_rows(num_b), padded(head_dim)
+    num_a_blocks = triton.cdiv(num_a, block_a)
+    grad_metric = torch.empty(metric.shape, dtype=metric.dtype, device=metric.device)
+    partial = torch.empty(batch, num_a_blocks, num_b, block_d, dtype=torch.float32, device=x.device)
+    size_t, stride_sb, stride_sn = _size_args(size, x)
+    wrap_triton(_merge_tokens_bwd_kernel)[(num_a_blocks, batch)](
+        x, size_t, metric, grad_merged, merged_size, q, index, top2, threshold, grad_metric, partial,
+        num_a, num_b, channels, head_dim, width, num_prefix_tokens, num_a_blocks,
+        x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn,
+        metric.stride(0), metric.stride(1), metric.stride(2),
+        grad_merged.stride(0), grad_merged.stride(1), grad_merged.stride(2),
+        grad_metric.stride(0), grad_metric.stride(1), grad_metric.stride(2),
+        HAS_SIZE=size is not None, BLOCK_A=block_a, BLOCK_NB=padded(num_b), BLOCK_D=block_d,
+        DOT_FP32=dot_in_float32(x.dtype),
+    )
+    launch_cosine_backward_b(metric, grad_metric, partial, width, num_prefix_tokens)
+    return grad_x, grad_metric, grad_in_size

@@ -1,0 +1,262 @@
+"""checkerboard_similarity: cosine scores of A vs B tokens with the row top-2 / argmax fused in (SPEC section 2,
+steps 3-5), and the cosine backward (SPEC section 3) shared with the fused merge_tokens backward.
+
+Scores are computed in float32 whatever the input dtype: tl.dot with ``input_precision="tf32x3"`` (three TF32
+tensor-core products, float32-level accuracy; plain float32 FMA dots spill registers at these tile sizes), so that
+the argmax (which decides which tokens merge) agrees with the reference up to near-exact ties.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import a_token, autotune_configs, b_token, padded
+
+_SIMILARITY_CONFIGS = [
+    triton.Config({"BLOCK_A": 64, "BLOCK_B": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_A": 32, "BLOCK_B": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_A": 64, "BLOCK_B": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_A": 128, "BLOCK_B": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_A": 16, "BLOCK_B": 32}, num_warps=2, num_stages=2),
+]
+
+
+@triton.jit
+def unit_rows(metric_ptr, tokens, row_mask, offs_d, head_dim, stride_n, stride_d):
+    """Rows ``metric[tokens]`` divided by ``max(||row||, 1e-12)`` in float32 -> (unit rows, clamped norms)."""
+    mask = row_mask[:, None] & (offs_d < head_dim)[None, :]
+    rows = tl.load(metric_ptr + tokens[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    rows = rows.to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(rows * rows, axis=1)), 1e-12)
+    return rows / norm[:, None], norm
+
+
+@triton.jit
+def _merge_top2(v1, i1, v2, i2, bv1, bi1, bv2, bi2):
+    """Merge a running row top-2 (earlier, lower columns) with the top-2 of the next block; ties keep the lower
+    column."""
+    take_block = bv1 > v1
+    new_v2 = tl.where(take_block, tl.where(bv2 > v1, bv2, v1), tl.where(bv1 > v2, bv1, v2))
+    new_i2 = tl.where(take_block, tl.where(bv2 > v1, bi2, i1), tl.where(bv1 > v2, bi1, i2))
+    new_v1 = tl.where(take_block, bv1, v1)
+    new_i1 = tl.where(take_block, bi1, i1)
+    return new_v1, new_i1, new_v2, new_i2
+
+
+@triton.autotune(configs=autotune_configs(_SIMILARITY_CONFIGS), key=["NA", "NB", "BLOCK_D"])
+@triton.jit
+def _checkerboard_similarity_kernel(
+    metric_ptr, scores_ptr, index_ptr, top2_ptr, threshold_ptr,
+    NA, NB, head_dim, width, num_prefix,
+    stride_mb, stride_mn, stride_md,
+    stride_sb, stride_sa, stride_sn,
+    BLOCK_D: tl.constexpr, WRITE_SCORES: tl.constexpr, WRITE_MATCH: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """One program: BLOCK_A rows of A against every B column, in blocks of BLOCK_B.
+
+    WRITE_SCORES stores ``scores [B, NA, NB]`` (prefix columns -inf). WRITE_MATCH stores per A row the argmax
+    ``index`` (int64, lowest column on ties), the second column ``top2`` (int32; = argmax when there is a single
+    finite column) and ``threshold = (top1 + top2) / 2`` (SPEC step 5), without keeping the score matrix.
+    """
+    pid_a = tl.program_id(0)
+    batch = tl.program_id(1)
+    metric_ptr += batch.to(tl.int64) * stride_mb
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = offs_a < NA
+    offs_d = tl.arange(0, BLOCK_D)
+    tokens_a = a_token(offs_a, width, num_prefix)
+    unit_a = unit_rows(metric_ptr, tokens_a, a_mask, offs_d, head_dim, stride_mn, stride_md)[0]
+
+    v1 = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    v2 = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    i1 = tl.zeros([BLOCK_A], tl.int32)
+    i2 = tl.zeros([BLOCK_A], tl.int32)
+    for start in range(0, NB, BLOCK_B):
+        offs_b = start + tl.arange(0, BLOCK_B)
+        b_mask = offs_b < NB
+        tokens_b = b_token(offs_b, width, num_prefix)
+        unit_b = unit_rows(metric_ptr, tokens_b, b_mask, offs_d, head_dim, stride_mn, stride_md)[0]
+        scores = tl.dot(unit_a, tl.trans(unit_b), input_precision="tf32x3")
+        scores = tl.where((offs_b >= num_prefix)[None, :], scores, float("-inf"))
+        if WRITE_SCORES:
+            ptrs = scores_ptr + batch.to(tl.int64) * stride_sb + offs_a[:, None] * stride_sa
+            tl.store(ptrs + offs_b[None, :] * stride_sn, scores, mask=a_mask[:, None] & b_mask[None, :])
+        if WRITE_MATCH:
+            scores = tl.where(b_mask[None, :], scores, float("-inf"))
+            bv1 = tl.max(scores, axis=1)
+            bi1 = tl.argmax(scores, axis=1, tie_break_left=True).to(tl.int32)
+            rest = tl.where(tl.arange(0, BLOCK_B)[None, :] == bi1[:, None], float("-inf"), scores)
+            bv2 = tl.max(rest, axis=1)
+            bi2 = tl.argmax(rest, axis=1, tie_break_left=True).to(tl.int32)
+            v1, i1, v2, i2 = _merge_top2(v1, i1, v2, i2, bv1, bi1 + start, bv2, bi2 + start)
+    if WRITE_MATCH:
+        # A single finite column (the rest are -inf prefix columns): top2 = top1 (SPEC step 5).
+        single = v2 == float("-inf")
+        v2 = tl.where(single, v1, v2)
+        i2 = tl.where(single, i1, i2)
+        row = batch.to(tl.int64) * NA + offs_a
+        tl.store(index_ptr + row, i1.to(tl.int64), mask=a_mask)
+        tl.store(top2_ptr + row, i2, mask=a_mask)
+        tl.store(threshold_ptr + row, (v1 + v2) / 2, mask=a_mask)
+
+
+def num_ab(grid_size: Tuple[int, int], num_prefix_tokens: int) -> Tuple[int, int]:
+    cells = grid_size[0] * grid_size[1]
+    return (cells + 1) // 2, num_prefix_tokens + cells // 2
+
+
+def launch_checkerboard_similarity(
+    metric: torch.Tensor, width: int, num_a: int, num_b: int, num_prefix_tokens: int,
+    scores: Optional[torch.Tensor], match: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> None:
+    """Fill ``scores [B, NA, NB]`` and/or ``match = (index int64, top2 int32, threshold float32)``, each ``[B, NA]``."""
+    batch, _, head_dim = metric.shape
+    index, top2, threshold = match if match is not None else (metric, metric, metric)
+    dummy = scores if scores is not None else metric
+    grid = lambda meta: (triton.cdiv(num_a, meta["BLOCK_A"]), batch)  # noqa: E731
+    wrap_triton(_checkerboard_similarity_kernel)[grid](
+        metric, dummy, index, top2, threshold,
+        num_a, num_b, head_dim, width, num_prefix_tokens,
+        metric.stride(0), metric.stride(1), metric.stride(2),
+        dummy.stride(0), dummy.stride(1), dummy.stride(2),
+        BLOCK_D=padded(head_dim), WRITE_SCORES=scores is not None, WRITE_MATCH=match is not None,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ backward
+@triton.jit
+def cosine_backward_block(
+    grad_scores, batch, pid_a, offs_a, a_mask, offs_b, b_mask,
+    metric_ptr, grad_metric_ptr, partial_ptr,
+    head_dim, width, num_prefix, num_a_blocks, NB,
+    stride_mn, stride_md, stride_gn, stride_gd,
+    BLOCK_D: tl.constexpr,
+):
+    """Cosine backward of one block of A rows, given ``dL/dS`` for those rows and all B columns (SPEC section 3).
+
+    Writes ``dL/dm`` of the A tokens, and this block's share of ``dL/dm^_B = dS^T m^_A`` to
+    ``partial [B, num_a_blocks, NB, BLOCK_D]`` (summed in a fixed order by ``_cosine_backward_b_kernel``).
+    ``metric_ptr`` / ``grad_metric_ptr`` already point at this batch element.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    tokens_a = a_token(offs_a, width, num_prefix)
+    unit_a, norm_a = unit_rows(metric_ptr, tokens_a, a_mask, offs_d, head_dim, stride_mn, stride_md)
+    tokens_b = b_token(offs_b, width, num_prefix)
+    unit_b = unit_rows(metric_ptr, tokens_b, b_mask, offs_d, head_dim, stride_mn, stride_md)[0]
+    grad_unit_a = tl.dot(grad_scores, unit_b, input_precision="tf32x3")
+    radial = tl.sum(unit_a * grad_unit_a, axis=1)
+    grad_a = (grad_unit_a - unit_a * radial[:, None]) / norm_a[:, None]
+    tl.store(
+        grad_metric_ptr + tokens_a[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+        grad_a.to(grad_metric_ptr.dtype.element_ty), mask=a_mask[:, None] & d_mask[None, :],
+    )
+    grad_unit_b = tl.dot(tl.trans(grad_scores), unit_a, input_precision="tf32x3")
+    block = (batch.to(tl.int64) * num_a_blocks + pid_a) * NB
+    tl.store(partial_ptr + (block + offs_b[:, None]) * BLOCK_D + offs_d[None, :], grad_unit_b, mask=b_mask[:, None])
+
+
+@triton.jit
+def _checkerboard_similarity_bwd_kernel(
+    grad_scores_ptr, metric_ptr, grad_metric_ptr, partial_ptr,
+    NA, NB, head_dim, width, num_prefix, num_a_blocks,
+    stride_sb, stride_sa, stride_sn,
+    stride_mb, stride_mn, stride_md,
+    stride_gb, stride_gn, stride_gd,
+    BLOCK_A: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program: BLOCK_A rows of ``dL/dS`` (all B columns on chip; prefix columns ignored) -> cosine backward."""
+    pid_a = tl.program_id(0)
+    batch = tl.program_id(1)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = offs_a < NA
+    offs_b = tl.arange(0, BLOCK_NB)
+    b_mask = offs_b < NB
+    keep = a_mask[:, None] & b_mask[None, :] & (offs_b >= num_prefix)[None, :]
+    ptrs = grad_scores_ptr + batch.to(tl.int64) * stride_sb + offs_a[:, None] * stride_sa + offs_b[None, :] * stride_sn
+    grad_scores = tl.load(ptrs, mask=keep, other=0.0).to(tl.float32)
+    cosine_backward_block(
+        grad_scores, batch, pid_a, offs_a, a_mask, offs_b, b_mask,
+        metric_ptr + batch.to(tl.int64) * stride_mb, grad_metric_ptr + batch.to(tl.int64) * stride_gb, partial_ptr,
+        head_dim, width, num_prefix, num_a_blocks, NB,
+        stride_mn, stride_md, stride_gn, stride_gd, BLOCK_D,
+    )
+
+
+@triton.jit
+def _cosine_backward_b_kernel(
+    partial_ptr, metric_ptr, grad_metric_ptr,
+    NB, head_dim, width, num_prefix, num_a_blocks,
+    stride_mb, stride_mn, stride_md,
+    stride_gb, stride_gn, stride_gd,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``dL/dm`` of the B tokens: sum the per-A-block partials of ``dL/dm^_B`` in block order (deterministic), then
+    ``dm = (dm^ - m^ <m^, dm^>) / max(||m||, 1e-12)``. Prefix tokens get 0 (their scores are constant -inf)."""
+    pid_j = tl.program_id(0)
+    batch = tl.program_id(1)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_mask = offs_j < NB
+    offs_d = tl.arange(0, BLOCK_D)
+    grad_unit = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
+    for block in range(0, num_a_blocks):
+        rows = (batch.to(tl.int64) * num_a_blocks + block) * NB + offs_j
+        grad_unit += tl.load(partial_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], mask=j_mask[:, None], other=0.0)
+    tokens = b_token(offs_j, width, num_prefix)
+    metric_ptr += batch.to(tl.int64) * stride_mb
+    unit, norm = unit_rows(metric_ptr, tokens, j_mask, offs_d, head_dim, stride_mn, stride_md)
+    radial = tl.sum(unit * grad_unit, axis=1)
+    grad = (grad_unit - unit * radial[:, None]) / norm[:, None]
+    ptrs = grad_metric_ptr + batch.to(tl.int64) * stride_gb + tokens[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    tl.store(ptrs, grad.to(grad_metric_ptr.dtype.element_ty), mask=j_mask[:, None] & (offs_d < head_dim)[None, :])
+
+
+def a_block_rows(num_b: int) -> int:
+    """A rows per backward program: all ``NB`` columns stay on chip, so fewer rows when NB is large."""
+    return 32 if padded(num_b) <= 128 else 16
+
+
+def backward_num_warps(block_a: int, num_b: int) -> int:
+    return 8 if block_a * padded(num_b) >= 64 * 128 else 4
+
+
+def launch_cosine_backward_b(metric: torch.Tensor, grad_metric: torch.Tensor, partial: torch.Tensor,
+                             width: int, num_prefix_tokens: int) -> None:
+    batch, _, head_dim = metric.shape
+    _, num_a_blocks, num_b, block_d = partial.shape
+    block_j = 32
+    wrap_triton(_cosine_backward_b_kernel)[(triton.cdiv(num_b, block_j), batch)](
+        partial, metric, grad_metric,
+        num_b, head_dim, width, num_prefix_tokens, num_a_blocks,
+        metric.stride(0), metric.stride(1), metric.stride(2),
+        grad_metric.stride(0), grad_metric.stride(1), grad_metric.stride(2),
+        BLOCK_J=block_j, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+def launch_checkerboard_similarity_backward(
+    grad_scores: torch.Tensor, metric: torch.Tensor, width: int, num_prefix_tokens: int
+) -> torch.Tensor:
+    """``dL/dS [B, NA, NB]`` -> ``dL/dmetric [B, N, Dh]`` in metric's dtype."""
+    batch, _, head_dim = metric.shape
+    num_a, num_b = grad_scores.shape[1:]
+    block_a, block_d = a_block_rows(num_b), padded(head_dim)
+    num_a_blocks = triton.cdiv(num_a, block_a)
+    grad_metric = torch.empty(metric.shape, dtype=metric.dtype, device=metric.device)
+    partial = torch.empty(batch, num_a_blocks, num_b, block_d, dtype=torch.float32, device=metric.device)
+    wrap_triton(_checkerboard_similarity_bwd_kernel)[(num_a_blocks, batch)](
+        grad_scores, metric, grad_metric, partial,
+        num_a, num_b, head_dim, width, num_prefix_tokens, num_a_blocks,
+        grad_scores.stride(0), grad_scores.stride(1), grad_scores.stride(2),
+        metric.stride(0), metric.stride(1), metric.stride(2),
+        grad_metric.stride(0), grad_metric.stride(1), grad_metric.stride(2),
+        BLOCK_A=block_a, BLOCK_NB=padded(num_b), BLOCK_D=block_d,
+        num_warps=backward_num_warps(block_a, num_b),
+    )
+    launch_cosine_backward_b(metric, grad_metric, partial, width, num_prefix_tokens)
+    return grad_metric
