@@ -12,6 +12,7 @@
 #include <ATen/ops/ones.h>
 
 #include "../checks.h"
+#include "../merge_host.h"
 #include "../ops.h"
 #include "cuda_common.cuh"
 
@@ -173,27 +174,6 @@ __global__ void ste_rows_kernel(acc_t* __restrict__ grad, const acc_t* __restric
   const acc_t row_sum = warp_sum(partial);
   for (int64_t j = lane; j < grid.prefix; j += kWarp) g_row[j] = acc_t(0);
   for (int64_t j = grid.prefix + lane; j < num_b; j += kWarp) g_row[j] = ste_score_grad(g_row[j], row_sum, j, top);
-}
-
-Tensor sizes_or_ones(const c10::optional<Tensor>& size, const Tensor& x) {
-  const auto options = x.options().dtype(accumulation_dtype(x.scalar_type()));
-  return size.has_value() ? size->to(options).contiguous() : at::ones({x.size(0), x.size(1)}, options);
-}
-
-Tensor a_token_index(const Checkerboard& grid, const Tensor& like) {
-  Tensor tokens = at::empty({grid.num_a()}, at::TensorOptions().dtype(at::kLong));
-  int64_t* t = tokens.data_ptr<int64_t>();
-  for (int64_t i = 0; i < grid.num_a(); ++i) t[i] = grid.a_token(i);
-  return tokens.to(like.device());
-}
-
-// x_A as a [B, NA, C] matrix in the accumulation dtype (a strided view when W is odd and x has that dtype).
-Tensor a_tokens(const Tensor& x, const Checkerboard& grid) {
-  const auto acc = accumulation_dtype(x.scalar_type());
-  if (grid.width % 2 == 1 && x.scalar_type() == acc) {
-    return x.slice(1, grid.prefix, grid.prefix + 2 * grid.num_a() - 1, 2);
-  }
-  return at::index_select(x, 1, a_token_index(grid, x)).to(acc);
 }
 
 // Calls run(matching_view) with an IndexMatching (int64 index) or a DenseMatching (float matching) in acc_t.

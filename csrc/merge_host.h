@@ -1,0 +1,39 @@
+// Host-side tensor helpers of the merge, shared by cpu/merge.cpp and cuda/merge.cu (ATen calls, no kernels).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/ones.h>
+#include <c10/util/Optional.h>
+
+#include "checks.h"
+#include "fpet_math.h"
+
+namespace fpet {
+
+// Token sizes [B, N] in the accumulation dtype, contiguous; all ones when size is None.
+inline at::Tensor sizes_or_ones(const c10::optional<at::Tensor>& size, const at::Tensor& x) {
+  const auto options = x.options().dtype(accumulation_dtype(x.scalar_type()));
+  return size.has_value() ? size->to(options).contiguous() : at::ones({x.size(0), x.size(1)}, options);
+}
+
+// Token indices of the A set [NA], on the device of like.
+inline at::Tensor a_token_index(const Checkerboard& grid, const at::Tensor& like) {
+  at::Tensor tokens = at::empty({grid.num_a()}, at::TensorOptions().dtype(at::kLong));
+  int64_t* t = tokens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < grid.num_a(); ++i) t[i] = grid.a_token(i);
+  return tokens.to(like.device());
+}
+
+// x_A as a [B, NA, C] matrix in the accumulation dtype, for the GEMM X_A (G/Z)^T. With W odd the A tokens are
+// every other token, so when x already has that dtype a strided view is enough.
+inline at::Tensor a_tokens(const at::Tensor& x, const Checkerboard& grid) {
+  const auto acc = accumulation_dtype(x.scalar_type());
+  if (grid.width % 2 == 1 && x.scalar_type() == acc) {
+    return x.slice(1, grid.prefix, grid.prefix + 2 * grid.num_a() - 1, 2);
+  }
+  return at::index_select(x, 1, a_token_index(grid, x)).to(acc);
+}
+
+}  // namespace fpet
