@@ -29,7 +29,7 @@ def free_halving(model: torch.nn.Module, layer: int) -> torch.nn.Module:
 
     def forward(x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-        x = x[:, :keep]
+        x = x[:, :keep].contiguous()  # a fresh tensor, as a merge produces
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
     block.forward = forward

@@ -66,6 +66,36 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_gpu_report(args: argparse.Namespace) -> int:
+    """Compile every kernel for real GPU targets (no GPU needed) and print the resource table, or the roofline
+    model with --roofline. Exit status 1 when the check finds a problem (spills, shared memory, tensor cores)."""
+    from . import gpu_report
+
+    if args.roofline:
+        print(gpu_report.format_roofline(gpu_report.roofline()))
+        return 0
+    report = gpu_report.build_report(triton_archs=args.triton_archs, cuda_archs=args.cuda_archs,
+                                     all_configs=not args.first_config, cuda=not args.no_cuda, jobs=args.jobs,
+                                     dtypes=args.dtypes)
+    print(gpu_report.format_rows(report.rows))
+    for note in report.notes:
+        print(f"note: {note}")
+    unlaunched = sorted(set(report.defined_kernels) - set(report.launched_kernels))
+    problems = gpu_report.check(report.rows)
+    problems += [f"{name}: defined but never launched by the ops, so not compiled" for name in unlaunched]
+    print(f"\n{len(report.rows)} kernel builds; {len(problems)} problem(s)")
+    for problem in problems:
+        print(f"  {problem}")
+    return 1 if problems else 0
+
+
+def _archs(text: str) -> List[int]:
+    archs = [int(a) for a in text.replace(";", ",").split(",") if a.strip()]
+    if not archs:
+        raise argparse.ArgumentTypeError(f"expected compute capabilities like 80,90, got {text!r}")
+    return archs
+
+
 def _img_size(text: str) -> List[int]:
     parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
     if len(parts) == 1:
@@ -96,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     demo.add_argument("--threads", type=int, default=2, help="torch intra-op threads while timing")
     demo.set_defaults(func=run_demo)
+
+    report = commands.add_parser(
+        "gpu-report",
+        help="compile every Triton and CUDA kernel for sm_80/sm_90 (no GPU) and check registers, spills, shared "
+        "memory and tensor-core use",
+        description="Compile every Triton kernel of the package (every autotune config and dtype, at the signatures "
+        "the ops launch them with) and every CUDA C++ kernel of csrc/cuda (setup.py's arch list), read the cubins "
+        "with cuobjdump, and print registers, stack (spill) bytes, shared memory, an occupancy estimate and "
+        "tensor-core use. No GPU is used. --roofline prints the bandwidth/FLOP model of each op instead.",
+    )
+    report.add_argument("--triton-archs", type=_archs, default=[80, 90], help="compute capabilities for Triton")
+    report.add_argument("--cuda-archs", type=_archs, default=None, help="for CUDA C++ (default: setup.py's list)")
+    report.add_argument("--first-config", action="store_true", help="only the first autotune config (faster)")
+    report.add_argument("--no-cuda", action="store_true", help="skip the CUDA C++ kernels")
+    report.add_argument("--dtypes", type=lambda text: text.split(","), default=None,
+                        help="only these dtypes, e.g. bf16,fp16 (default: fp32, bf16, fp16; CUDA C++ also fp64)")
+    report.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    report.add_argument("--roofline", action="store_true",
+                        help="print the roofline model of each op at ViT-B/16 shapes (a model, not a measurement)")
+    report.set_defaults(func=run_gpu_report)
     return parser
 
 

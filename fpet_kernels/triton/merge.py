@@ -18,8 +18,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import a_token, autotune_configs, b_token, dot_in_float32, padded, token_to_ab
-from .match import ste_backward, ste_sigmoid_slope
-from .similarity import a_block_rows, cosine_backward_block, launch_cosine_backward_b, unit_rows
+from .match import ste_sigmoid_slope
+from .similarity import a_block_rows, launch_cosine_backward_b, store_grad_a, unit_rows
 
 
 # ------------------------------------------------------------------------------------ inverse index (counting sort)
@@ -124,9 +124,8 @@ def launch_scatter_mean_merge(
 
 _DENSE_CONFIGS = [
     triton.Config({"BLOCK_J": 32, "BLOCK_I": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_J": 64, "BLOCK_I": 32, "BLOCK_C": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_J": 64, "BLOCK_I": 64, "BLOCK_C": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_J": 128, "BLOCK_I": 32, "BLOCK_C": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_J": 32, "BLOCK_I": 32, "BLOCK_C": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_J": 64, "BLOCK_I": 32, "BLOCK_C": 64}, num_warps=8, num_stages=2),
 ]
 
 
@@ -259,13 +258,12 @@ def _scatter_mean_merge_bwd_kernel(
 
 
 @triton.jit
-def xa_dot_grad(x_ptr, grad_merged_ptr, tokens_a, a_mask, b_mask, C,
+def xa_dot_grad(x_ptr, grad_merged_ptr, tokens_a, a_mask, offs_b, b_mask, C,
                 stride_xn, stride_xc, stride_gn, stride_gc,
-                BLOCK_A: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``<x_A[i], g_j>`` for a block of A rows and every B column: ``X_A G^T``, K = C in blocks (float32 accumulator).
-    ``x_ptr`` / ``grad_merged_ptr`` already point at this batch element."""
-    offs_b = tl.arange(0, BLOCK_NB)
-    acc = tl.zeros([BLOCK_A, BLOCK_NB], tl.float32)
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``<x_A[i], g_j>`` for a block of A rows and a block of B columns: ``X_A G^T``, K = C in blocks (float32
+    accumulator). ``x_ptr`` / ``grad_merged_ptr`` already point at this batch element."""
+    acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
     for start in range(0, C, BLOCK_C):
         offs_c = start + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
@@ -280,16 +278,18 @@ def xa_dot_grad(x_ptr, grad_merged_ptr, tokens_a, a_mask, b_mask, C,
     return acc
 
 
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_C": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_C": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_C": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_C": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_C": 32}, num_warps=4, num_stages=3),
+# The backward kernels walk the B columns in blocks of BLOCK_B (and C in blocks of BLOCK_C), so that no
+# [BLOCK_A, NB] tile and no whole-NB dot operand is held in registers: every config is spill-free on sm_80 and
+# sm_90 at ViT-B / ViT-L shapes in float32, bfloat16 and float16 (checked with fpet_kernels.gpu_report).
+_DENSE_BWD_CONFIGS = [
+    triton.Config({"BLOCK_B": 32, "BLOCK_C": 32}, num_warps=8, num_stages=3),
+]
+_BWD_CONFIGS = [  # the fused merge_tokens backward (float32: BLOCK_C=32 spills 8 B on sm_90)
+    triton.Config({"BLOCK_B": 32, "BLOCK_C": 16}, num_warps=8, num_stages=3),
 ]
 
 
-@triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=["NB", "C", "BLOCK_A", "DOT_FP32"])
+@triton.autotune(configs=autotune_configs(_DENSE_BWD_CONFIGS), key=["NB", "C", "BLOCK_A", "DOT_FP32"])
 @triton.jit
 def _scatter_mean_merge_dense_bwd_kernel(
     x_ptr, size_ptr, matching_ptr, grad_merged_ptr, merged_size_ptr, q_ptr,
@@ -297,46 +297,56 @@ def _scatter_mean_merge_dense_bwd_kernel(
     N, NA, NB, C, width, num_prefix,
     stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_mb, stride_ma, stride_mn,
     stride_gb, stride_gn, stride_gc,
-    HAS_SIZE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    HAS_SIZE: tl.constexpr, BLOCK_A: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Dense matching, A side, one program per BLOCK_A rows with all B columns on chip:
+    """Dense matching, A side, one program per BLOCK_A rows, all B columns in blocks of BLOCK_B:
     ``E = X_A G^T / Z - q``, ``dL/dM = s_A E``, ``dL/ds_A = sum_j M E``, ``dL/dx_A = s_A M (G / Z)``."""
     pid_a = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     a_mask = offs_a < NA
-    offs_b = tl.arange(0, BLOCK_NB)
-    b_mask = offs_b < NB
     tokens_a = a_token(offs_a, width, num_prefix)
     x_ptr += batch * stride_xb
     grad_merged_ptr += batch * stride_gb
-    inv_z = 1.0 / tl.load(merged_size_ptr + batch * NB + offs_b, mask=b_mask, other=1.0)
-    q = tl.load(q_ptr + batch * NB + offs_b, mask=b_mask, other=0.0)
+    matching_ptr += batch * stride_mb
     if HAS_SIZE:
         s_a = tl.load(size_ptr + batch * stride_sb + tokens_a * stride_sn, mask=a_mask, other=0.0).to(tl.float32)
     else:
         s_a = tl.full([BLOCK_A], 1.0, tl.float32)
-    ab_mask = a_mask[:, None] & b_mask[None, :]
-    matching = tl.load(matching_ptr + batch * stride_mb + offs_a[:, None] * stride_ma + offs_b[None, :] * stride_mn,
-                       mask=ab_mask, other=0.0).to(tl.float32)
-    spread = matching * inv_z[None, :]  # M / Z: dL/dx_A = s_A (M / Z) G
-    for start in range(0, C, BLOCK_C):
-        offs_c = start + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < C
-        grad = tl.load(grad_merged_ptr + offs_b[:, None] * stride_gn + offs_c[None, :] * stride_gc,
-                       mask=b_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-        grad_x = s_a[:, None] * tl.dot(spread, grad, input_precision="tf32x3")
-        tl.store(grad_x_ptr + (batch * N + tokens_a[:, None]) * C + offs_c[None, :],
-                 grad_x.to(grad_x_ptr.dtype.element_ty), mask=a_mask[:, None] & c_mask[None, :])
-    excess = xa_dot_grad(x_ptr, grad_merged_ptr, tokens_a, a_mask, b_mask, C, stride_xn, stride_xc,
-                         stride_gn, stride_gc, BLOCK_A, BLOCK_NB, BLOCK_C, DOT_FP32)
-    excess = excess * inv_z[None, :] - q[None, :]
-    tl.store(grad_matching_ptr + (batch * NA + offs_a[:, None]) * NB + offs_b[None, :],
-             (s_a[:, None] * excess).to(grad_matching_ptr.dtype.element_ty), mask=ab_mask)
+    grad_size = tl.zeros([BLOCK_A], tl.float32)
+    for start_b in range(0, NB, BLOCK_B):
+        offs_b = start_b + tl.arange(0, BLOCK_B)
+        b_mask = offs_b < NB
+        ab_mask = a_mask[:, None] & b_mask[None, :]
+        inv_z = 1.0 / tl.load(merged_size_ptr + batch * NB + offs_b, mask=b_mask, other=1.0)
+        q = tl.load(q_ptr + batch * NB + offs_b, mask=b_mask, other=0.0)
+        excess = xa_dot_grad(x_ptr, grad_merged_ptr, tokens_a, a_mask, offs_b, b_mask, C, stride_xn, stride_xc,
+                             stride_gn, stride_gc, BLOCK_A, BLOCK_B, BLOCK_C, DOT_FP32)
+        excess = excess * inv_z[None, :] - q[None, :]
+        tl.store(grad_matching_ptr + (batch * NA + offs_a[:, None]) * NB + offs_b[None, :],
+                 (s_a[:, None] * excess).to(grad_matching_ptr.dtype.element_ty), mask=ab_mask)
+        if HAS_SIZE:
+            matching = tl.load(matching_ptr + offs_a[:, None] * stride_ma + offs_b[None, :] * stride_mn,
+                               mask=ab_mask, other=0.0).to(tl.float32)
+            grad_size += tl.sum(tl.where(ab_mask, matching * excess, 0.0), axis=1)
     if HAS_SIZE:
-        grad_size = tl.sum(tl.where(ab_mask, matching * excess, 0.0), axis=1)
         tl.store(grad_size_ptr + batch * N + tokens_a, grad_size.to(grad_size_ptr.dtype.element_ty), mask=a_mask)
+    for start_c in range(0, C, BLOCK_C):
+        offs_c = start_c + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        grad_x = tl.zeros([BLOCK_A, BLOCK_C], tl.float32)
+        for start_b in range(0, NB, BLOCK_B):
+            offs_b = start_b + tl.arange(0, BLOCK_B)
+            b_mask = offs_b < NB
+            inv_z = 1.0 / tl.load(merged_size_ptr + batch * NB + offs_b, mask=b_mask, other=1.0)
+            matching = tl.load(matching_ptr + offs_a[:, None] * stride_ma + offs_b[None, :] * stride_mn,
+                               mask=a_mask[:, None] & b_mask[None, :], other=0.0).to(tl.float32)
+            grad = tl.load(grad_merged_ptr + offs_b[:, None] * stride_gn + offs_c[None, :] * stride_gc,
+                           mask=b_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            grad_x += tl.dot(matching * inv_z[None, :], grad, input_precision="tf32x3")  # (M / Z) G
+        tl.store(grad_x_ptr + (batch * N + tokens_a[:, None]) * C + offs_c[None, :],
+                 (s_a[:, None] * grad_x).to(grad_x_ptr.dtype.element_ty), mask=a_mask[:, None] & c_mask[None, :])
 
 
 @triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=["NB", "C", "BLOCK_A", "BLOCK_D", "DOT_FP32"])
@@ -347,49 +357,77 @@ def _merge_tokens_bwd_kernel(
     NA, NB, C, head_dim, width, num_prefix, num_a_blocks,
     stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_mb, stride_mn, stride_md,
     stride_gb, stride_gn, stride_gc, stride_db, stride_dn, stride_dd,
-    HAS_SIZE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SIZE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Fused merge_tokens backward to the metric, one program per BLOCK_A rows of A with all B columns on chip:
-    ``dL/dM`` (one GEMM + rank-1 terms), the STE backward to ``dL/dS`` (S recomputed from the metric), then the
-    cosine backward. Neither ``dL/dM`` nor ``dL/dS`` is written to memory (SPEC section 3)."""
+    """Fused merge_tokens backward to the metric, one program per BLOCK_A rows of A, all B columns walked in blocks
+    of BLOCK_B: ``dL/dM`` (one GEMM + rank-1 terms), the STE backward to ``dL/dS`` (S recomputed from the metric),
+    then the cosine backward. Neither ``dL/dM`` nor ``dL/dS`` is written to memory (SPEC section 3).
+
+    With ``W = sigma' dL/dM`` and ``r_i = sum_l W[i, l] / 2``, ``dL/dS = W - r [j in top2]``, so
+    ``dm^_A = W m^_B - r (m^_B[k] + m^_B[top2])`` and ``dm^_B = W^T m^_A - [j in top2]^T (r m^_A)``: the first terms
+    accumulate block by block, the top-2 terms follow once ``r`` is complete (a second, GEMM-free column loop)."""
     pid_a = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     a_mask = offs_a < NA
-    offs_b = tl.arange(0, BLOCK_NB)
-    b_mask = offs_b < NB
     tokens_a = a_token(offs_a, width, num_prefix)
-    inv_z = 1.0 / tl.load(merged_size_ptr + batch * NB + offs_b, mask=b_mask, other=1.0)
-    q = tl.load(q_ptr + batch * NB + offs_b, mask=b_mask, other=0.0)
+    x_ptr += batch * stride_xb
+    grad_merged_ptr += batch * stride_gb
+    metric_ptr += batch * stride_mb
     if HAS_SIZE:
         s_a = tl.load(size_ptr + batch * stride_sb + tokens_a * stride_sn, mask=a_mask, other=0.0).to(tl.float32)
     else:
         s_a = tl.full([BLOCK_A], 1.0, tl.float32)
-    grad_matching = xa_dot_grad(x_ptr + batch * stride_xb, grad_merged_ptr + batch * stride_gb, tokens_a, a_mask,
-                                b_mask, C, stride_xn, stride_xc, stride_gn, stride_gc,
-                                BLOCK_A, BLOCK_NB, BLOCK_C, DOT_FP32)
-    grad_matching = s_a[:, None] * (grad_matching * inv_z[None, :] - q[None, :])
-
-    # STE backward with S recomputed (the forward kept only index, top2 and threshold per row).
-    metric_ptr += batch * stride_mb
     offs_d = tl.arange(0, BLOCK_D)
-    unit_a = unit_rows(metric_ptr, tokens_a, a_mask, offs_d, head_dim, stride_mn, stride_md)[0]
-    unit_b, _ = unit_rows(metric_ptr, b_token(offs_b, width, num_prefix), b_mask, offs_d, head_dim,
-                          stride_mn, stride_md)
-    scores = tl.dot(unit_a, tl.trans(unit_b), input_precision="tf32x3")
-    scores = tl.where(b_mask[None, :] & (offs_b >= num_prefix)[None, :], scores, float("-inf"))
     threshold = tl.load(threshold_ptr + batch * NA + offs_a, mask=a_mask, other=0.0)
+    grad_unit_a = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
+    row_sum = tl.zeros([BLOCK_A], tl.float32)
+    block = (batch * num_a_blocks + pid_a) * NB
+    for start in range(0, NB, BLOCK_B):
+        offs_b = start + tl.arange(0, BLOCK_B)
+        b_mask = offs_b < NB
+        inv_z = 1.0 / tl.load(merged_size_ptr + batch * NB + offs_b, mask=b_mask, other=1.0)
+        q = tl.load(q_ptr + batch * NB + offs_b, mask=b_mask, other=0.0)
+        grad_matching = xa_dot_grad(x_ptr, grad_merged_ptr, tokens_a, a_mask, offs_b, b_mask, C,
+                                    stride_xn, stride_xc, stride_gn, stride_gc, BLOCK_A, BLOCK_B, BLOCK_C, DOT_FP32)
+        grad_matching = s_a[:, None] * (grad_matching * inv_z[None, :] - q[None, :])
+        unit_b = unit_rows(metric_ptr, b_token(offs_b, width, num_prefix), b_mask, offs_d, head_dim,
+                           stride_mn, stride_md)[0]
+        # m^_A is reloaded (L1/L2) every block rather than kept live across the loop with its tf32 splits.
+        unit_a = unit_rows(metric_ptr, tokens_a, a_mask, offs_d, head_dim, stride_mn, stride_md)[0]
+        scores = tl.dot(unit_a, tl.trans(unit_b), input_precision="tf32x3")
+        scores = tl.where(b_mask[None, :] & (offs_b >= num_prefix)[None, :], scores, float("-inf"))
+        weighted = ste_sigmoid_slope(scores, threshold) * grad_matching
+        weighted = tl.where(a_mask[:, None] & b_mask[None, :], weighted, 0.0)
+        row_sum += tl.sum(weighted, axis=1)
+        grad_unit_a += tl.dot(weighted, unit_b, input_precision="tf32x3")
+        grad_unit_b = tl.dot(tl.trans(weighted), unit_a, input_precision="tf32x3")
+        tl.store(partial_ptr + (block + offs_b[:, None]) * BLOCK_D + offs_d[None, :], grad_unit_b,
+                 mask=b_mask[:, None])
+    # Top-2 terms of the STE backward (a column that is both top1 and top2 gets both halves).
+    half = 0.5 * row_sum
     index = tl.load(index_ptr + batch * NA + offs_a, mask=a_mask, other=0).to(tl.int32)
     top2 = tl.load(top2_ptr + batch * NA + offs_a, mask=a_mask, other=0)
-    grad_scores = ste_backward(grad_matching, ste_sigmoid_slope(scores, threshold), offs_b, index, top2)
-    grad_scores = tl.where(a_mask[:, None] & b_mask[None, :], grad_scores, 0.0)
-    cosine_backward_block(
-        grad_scores, batch, pid_a, offs_a, a_mask, offs_b, b_mask,
-        metric_ptr, grad_metric_ptr + batch * stride_db, partial_ptr,
-        head_dim, width, num_prefix, num_a_blocks, NB,
-        stride_mn, stride_md, stride_dn, stride_dd, BLOCK_D,
-    )
+    unit_top = unit_rows(metric_ptr, b_token(index, width, num_prefix), a_mask, offs_d, head_dim,
+                         stride_mn, stride_md)[0]
+    unit_top += unit_rows(metric_ptr, b_token(top2, width, num_prefix), a_mask, offs_d, head_dim,
+                          stride_mn, stride_md)[0]
+    grad_unit_a -= half[:, None] * unit_top
+    unit_a, norm_a = unit_rows(metric_ptr, tokens_a, a_mask, offs_d, head_dim, stride_mn, stride_md)
+    store_grad_a(grad_unit_a, unit_a, norm_a, tokens_a, a_mask, offs_d, head_dim, grad_metric_ptr + batch * stride_db,
+                 stride_dn, stride_dd)
+    tl.debug_barrier()  # this program's partial rows above are read back below (by other threads)
+    scaled_a = half[:, None] * unit_a
+    for start in range(0, NB, BLOCK_B):
+        offs_b = start + tl.arange(0, BLOCK_B)
+        b_mask = offs_b < NB
+        in_top2 = (offs_b[None, :] == index[:, None]).to(tl.float32) + (offs_b[None, :] == top2[:, None]).to(tl.float32)
+        in_top2 = tl.where(a_mask[:, None], in_top2, 0.0)
+        ptrs = partial_ptr + (block + offs_b[:, None]) * BLOCK_D + offs_d[None, :]
+        grad_unit_b = tl.load(ptrs, mask=b_mask[:, None], other=0.0)
+        grad_unit_b -= tl.dot(tl.trans(in_top2), scaled_a, input_precision="tf32x3")
+        tl.store(ptrs, grad_unit_b, mask=b_mask[:, None])
 
 
 def _row_terms(merged, grad_merged, merged_size, grad_size) -> torch.Tensor:
@@ -457,8 +495,7 @@ def launch_scatter_mean_merge_dense_backward(
         x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn,
         matching.stride(0), matching.stride(1), matching.stride(2),
         grad_merged.stride(0), grad_merged.stride(1), grad_merged.stride(2),
-        HAS_SIZE=size is not None, BLOCK_A=block_a, BLOCK_NB=padded(num_b),
-        DOT_FP32=dot_in_float32(x.dtype),
+        HAS_SIZE=size is not None, BLOCK_A=block_a, DOT_FP32=dot_in_float32(x.dtype),
     )
     return grad_x, grad_in_size, grad_matching
 
@@ -487,8 +524,7 @@ def launch_merge_tokens_backward(
         metric.stride(0), metric.stride(1), metric.stride(2),
         grad_merged.stride(0), grad_merged.stride(1), grad_merged.stride(2),
         grad_metric.stride(0), grad_metric.stride(1), grad_metric.stride(2),
-        HAS_SIZE=size is not None, BLOCK_A=block_a, BLOCK_NB=padded(num_b), BLOCK_D=block_d,
-        DOT_FP32=dot_in_float32(x.dtype),
+        HAS_SIZE=size is not None, BLOCK_A=block_a, BLOCK_D=block_d, DOT_FP32=dot_in_float32(x.dtype),
     )
     launch_cosine_backward_b(metric, grad_metric, partial, width, num_prefix_tokens)
     return grad_x, grad_metric, grad_in_size

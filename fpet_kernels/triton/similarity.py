@@ -17,10 +17,7 @@ from torch.library import wrap_triton
 from ._common import a_token, autotune_configs, b_token, padded
 
 _SIMILARITY_CONFIGS = [
-    triton.Config({"BLOCK_A": 64, "BLOCK_B": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_A": 32, "BLOCK_B": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_A": 64, "BLOCK_B": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_A": 128, "BLOCK_B": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_A": 32, "BLOCK_B": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_A": 16, "BLOCK_B": 32}, num_warps=2, num_stages=2),
 ]
 
@@ -130,35 +127,16 @@ def launch_checkerboard_similarity(
 
 # ------------------------------------------------------------------------------------------------ backward
 @triton.jit
-def cosine_backward_block(
-    grad_scores, batch, pid_a, offs_a, a_mask, offs_b, b_mask,
-    metric_ptr, grad_metric_ptr, partial_ptr,
-    head_dim, width, num_prefix, num_a_blocks, NB,
-    stride_mn, stride_md, stride_gn, stride_gd,
-    BLOCK_D: tl.constexpr,
-):
-    """Cosine backward of one block of A rows, given ``dL/dS`` for those rows and all B columns (SPEC section 3).
-
-    Writes ``dL/dm`` of the A tokens, and this block's share of ``dL/dm^_B = dS^T m^_A`` to
-    ``partial [B, num_a_blocks, NB, BLOCK_D]`` (summed in a fixed order by ``_cosine_backward_b_kernel``).
-    ``metric_ptr`` / ``grad_metric_ptr`` already point at this batch element.
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    tokens_a = a_token(offs_a, width, num_prefix)
-    unit_a, norm_a = unit_rows(metric_ptr, tokens_a, a_mask, offs_d, head_dim, stride_mn, stride_md)
-    tokens_b = b_token(offs_b, width, num_prefix)
-    unit_b = unit_rows(metric_ptr, tokens_b, b_mask, offs_d, head_dim, stride_mn, stride_md)[0]
-    grad_unit_a = tl.dot(grad_scores, unit_b, input_precision="tf32x3")
+def store_grad_a(grad_unit_a, unit_a, norm_a, tokens_a, a_mask, offs_d, head_dim, grad_metric_ptr,
+                 stride_gn, stride_gd):
+    """``dL/dm_A = (dm^_A - m^_A <m^_A, dm^_A>) / max(||m_A||, 1e-12)`` for a block of A rows, given
+    ``dm^_A = dS m^_B`` (``grad_metric_ptr`` already points at this batch element)."""
     radial = tl.sum(unit_a * grad_unit_a, axis=1)
     grad_a = (grad_unit_a - unit_a * radial[:, None]) / norm_a[:, None]
     tl.store(
         grad_metric_ptr + tokens_a[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-        grad_a.to(grad_metric_ptr.dtype.element_ty), mask=a_mask[:, None] & d_mask[None, :],
+        grad_a.to(grad_metric_ptr.dtype.element_ty), mask=a_mask[:, None] & (offs_d < head_dim)[None, :],
     )
-    grad_unit_b = tl.dot(tl.trans(grad_scores), unit_a, input_precision="tf32x3")
-    block = (batch.to(tl.int64) * num_a_blocks + pid_a) * NB
-    tl.store(partial_ptr + (block + offs_b[:, None]) * BLOCK_D + offs_d[None, :], grad_unit_b, mask=b_mask[:, None])
 
 
 @triton.jit
@@ -168,24 +146,37 @@ def _checkerboard_similarity_bwd_kernel(
     stride_sb, stride_sa, stride_sn,
     stride_mb, stride_mn, stride_md,
     stride_gb, stride_gn, stride_gd,
-    BLOCK_A: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """One program: BLOCK_A rows of ``dL/dS`` (all B columns on chip; prefix columns ignored) -> cosine backward."""
+    """One program: BLOCK_A rows of ``dL/dS``, all B columns in blocks of BLOCK_B (prefix columns ignored) -> cosine
+    backward (SPEC section 3): ``dL/dm`` of the A tokens, and this block's share of ``dL/dm^_B = dS^T m^_A`` to
+    ``partial [B, num_a_blocks, NB, BLOCK_D]`` (summed in a fixed order by ``_cosine_backward_b_kernel``). The dots
+    run over B column blocks so that no ``[BLOCK_A, NB]`` tile (nor a whole-NB dot operand) is held in registers."""
     pid_a = tl.program_id(0)
-    batch = tl.program_id(1)
+    batch = tl.program_id(1).to(tl.int64)
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     a_mask = offs_a < NA
-    offs_b = tl.arange(0, BLOCK_NB)
-    b_mask = offs_b < NB
-    keep = a_mask[:, None] & b_mask[None, :] & (offs_b >= num_prefix)[None, :]
-    ptrs = grad_scores_ptr + batch.to(tl.int64) * stride_sb + offs_a[:, None] * stride_sa + offs_b[None, :] * stride_sn
-    grad_scores = tl.load(ptrs, mask=keep, other=0.0).to(tl.float32)
-    cosine_backward_block(
-        grad_scores, batch, pid_a, offs_a, a_mask, offs_b, b_mask,
-        metric_ptr + batch.to(tl.int64) * stride_mb, grad_metric_ptr + batch.to(tl.int64) * stride_gb, partial_ptr,
-        head_dim, width, num_prefix, num_a_blocks, NB,
-        stride_mn, stride_md, stride_gn, stride_gd, BLOCK_D,
-    )
+    offs_d = tl.arange(0, BLOCK_D)
+    metric_ptr += batch * stride_mb
+    tokens_a = a_token(offs_a, width, num_prefix)
+    grad_unit_a = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
+    block = (batch * num_a_blocks + pid_a) * NB
+    for start in range(0, NB, BLOCK_B):
+        offs_b = start + tl.arange(0, BLOCK_B)
+        b_mask = offs_b < NB
+        keep = a_mask[:, None] & b_mask[None, :] & (offs_b >= num_prefix)[None, :]
+        grad_scores = tl.load(grad_scores_ptr + batch * stride_sb + offs_a[:, None] * stride_sa
+                              + offs_b[None, :] * stride_sn, mask=keep, other=0.0).to(tl.float32)
+        unit_b = unit_rows(metric_ptr, b_token(offs_b, width, num_prefix), b_mask, offs_d, head_dim,
+                           stride_mn, stride_md)[0]
+        grad_unit_a += tl.dot(grad_scores, unit_b, input_precision="tf32x3")
+        unit_a = unit_rows(metric_ptr, tokens_a, a_mask, offs_d, head_dim, stride_mn, stride_md)[0]  # reloaded
+        grad_unit_b = tl.dot(tl.trans(grad_scores), unit_a, input_precision="tf32x3")
+        tl.store(partial_ptr + (block + offs_b[:, None]) * BLOCK_D + offs_d[None, :], grad_unit_b,
+                 mask=b_mask[:, None])
+    unit_a, norm_a = unit_rows(metric_ptr, tokens_a, a_mask, offs_d, head_dim, stride_mn, stride_md)
+    store_grad_a(grad_unit_a, unit_a, norm_a, tokens_a, a_mask, offs_d, head_dim, grad_metric_ptr + batch * stride_gb,
+                 stride_gn, stride_gd)
 
 
 @triton.jit
@@ -217,12 +208,13 @@ def _cosine_backward_b_kernel(
 
 
 def a_block_rows(num_b: int) -> int:
-    """A rows per backward program: all ``NB`` columns stay on chip, so fewer rows when NB is large."""
-    return 32 if padded(num_b) <= 128 else 16
+    """A rows per backward program (the B columns are walked in blocks, so this does not depend on NB)."""
+    return 32
 
 
-def backward_num_warps(block_a: int, num_b: int) -> int:
-    return 8 if block_a * padded(num_b) >= 64 * 128 else 4
+# B columns per step of the backward kernels' column loop. Every config is spill-free on sm_80 and sm_90 at ViT
+# shapes (see fpet_kernels.gpu_report).
+BACKWARD_BLOCK_B = 32
 
 
 def launch_cosine_backward_b(metric: torch.Tensor, grad_metric: torch.Tensor, partial: torch.Tensor,
@@ -255,8 +247,7 @@ def launch_checkerboard_similarity_backward(
         grad_scores.stride(0), grad_scores.stride(1), grad_scores.stride(2),
         metric.stride(0), metric.stride(1), metric.stride(2),
         grad_metric.stride(0), grad_metric.stride(1), grad_metric.stride(2),
-        BLOCK_A=block_a, BLOCK_NB=padded(num_b), BLOCK_D=block_d,
-        num_warps=backward_num_warps(block_a, num_b),
+        BLOCK_A=block_a, BLOCK_D=block_d, BLOCK_B=BACKWARD_BLOCK_B, num_warps=8,
     )
     launch_cosine_backward_b(metric, grad_metric, partial, width, num_prefix_tokens)
     return grad_metric

@@ -1,0 +1,116 @@
+"""`fpet gpu-report` as a CI check (no GPU needed): every Triton kernel, at the signatures its launcher really uses,
+and every CUDA C++ kernel compiles for sm_80 and sm_90 without spills, within each arch's shared memory, with its
+16-bit dot products on tensor cores. A deliberately spilling toy kernel shows the check can fail.
+
+To stay within a couple of minutes on 2 cores, CI compiles the first autotune config of every kernel for bfloat16
+and float16 (the tensor-core dtypes); ``fpet gpu-report`` compiles every config and float32 too.
+"""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fpet_kernels import gpu_report
+from fpet_kernels.gpu_report import KernelRow, check, occupancy_warps
+
+ARCHS = (80, 90)
+DTYPES = ("bf16", "fp16")
+
+
+@pytest.fixture(scope="module")
+def report():
+    return gpu_report.build_report(triton_archs=ARCHS, cuda_archs=ARCHS, all_configs=False, dtypes=DTYPES)
+
+
+def test_launch_sites_cover_every_triton_kernel(report):
+    assert report.defined_kernels, "no @triton.jit kernel found in fpet_kernels.triton"
+    assert sorted(set(report.defined_kernels) - set(report.launched_kernels)) == []
+
+
+def test_every_kernel_compiles_for_every_arch_and_dtype(report):
+    triton_rows = [r for r in report.rows if r.backend == "triton"]
+    compiled = {(f"{r.kernel}", r.arch) for r in triton_rows}
+    expected = {(name.split(":")[1], arch) for name in report.launched_kernels for arch in ARCHS}
+    assert compiled == expected
+    for dtype in DTYPES:
+        assert {(r.kernel, r.arch) for r in triton_rows if r.dtype == dtype} >= {
+            (kernel, arch) for kernel, arch in expected if kernel != "_inverse_index_kernel"}  # int-only kernel
+
+
+def test_cuda_kernels_compile_for_every_arch(report):
+    if gpu_report.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    cuda_rows = [r for r in report.rows if r.backend == "cuda"]
+    names = {r.kernel for r in cuda_rows}
+    assert names and all({r.arch for r in cuda_rows if r.kernel == name} == set(ARCHS) for name in names)
+    assert {r.dtype for r in cuda_rows} - {"-"} == set(DTYPES)
+
+
+def test_shared_memory_within_limits_and_16bit_dots_on_tensor_cores(report):
+    assert [p for p in check(report.rows) if "stack" not in p] == []
+
+
+def test_no_kernel_spills(report):
+    assert [p for p in check(report.rows) if "stack" in p] == []
+
+
+def test_16bit_dot_kernels_exist_so_the_tensor_core_check_is_not_vacuous(report):
+    for dtype in ("bf16", "fp16"):
+        for arch in ARCHS:
+            assert any(r.dot_16bit and r.mma for r in report.rows if r.dtype == dtype and r.arch == arch)
+
+
+@triton.jit
+def _spilling_toy_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    """Keeps BLOCK floats alive across a reduction: with one warp, BLOCK / 32 values per thread."""
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, x * tl.sum(x, axis=0) + tl.cumsum(x, axis=0))
+
+
+def launch_spilling_toy():
+    x = torch.empty(16384)
+    _spilling_toy_kernel[(1,)](x, x, BLOCK=16384, num_warps=1)
+
+
+def test_check_flags_a_spilling_kernel():
+    toy = gpu_report.build_report(launcher=f"{__name__}:launch_spilling_toy", triton_archs=(80,), cuda=False)
+    (row,) = toy.rows
+    assert row.kernel == "_spilling_toy_kernel" and row.stack_bytes > 0
+    assert any("stack" in problem for problem in check(toy.rows))
+
+
+def _row(**changes):
+    base = dict(backend="triton", kernel="k", config="c", dtype="bf16", arch=80, registers=32, stack_bytes=0,
+                shared_bytes=0, warps_per_block=4, occupancy_warps=64, dots=1, dot_16bit=1, mma=8,
+                tensor_cores="yes")
+    return KernelRow(**dict(base, **changes))
+
+
+def test_check_flags_shared_memory_and_missing_tensor_cores():
+    assert check([_row()]) == []
+    assert "shared memory" in check([_row(shared_bytes=200 * 1024)])[0]
+    assert check([_row(arch=90, shared_bytes=200 * 1024)]) == []
+    assert "no HMMA/HGMMA" in check([_row(mma=0)])[0]
+
+
+def test_occupancy_estimate():
+    assert occupancy_warps(80, 32, 0, 4) == 64  # warp limit
+    assert occupancy_warps(80, 255, 0, 4) == 8  # 65536 // (256 * 32) = 8 warps
+    assert occupancy_warps(80, 128, 0, 8) == 16
+    assert occupancy_warps(80, 32, 40 * 1024, 4) == 16  # 164 KiB // 41 KiB = 4 blocks
+    assert occupancy_warps(90, 32, 40 * 1024, 4) == 20  # 228 KiB // 41 KiB = 5 blocks
+    assert occupancy_warps(80, 32, 0, 1) == 32  # 32 blocks per SM at most
+    assert occupancy_warps(80, 32, 164 * 1024, 4) == 0  # over the 163 KiB per-block limit
+
+
+def test_roofline_model():
+    rows = gpu_report.roofline(batches=(1, 64))
+    assert {r.op for r in rows} == set(gpu_report.ROOFLINE_OPS)
+    for r in rows:
+        assert r.bytes > 0 and r.bound_us > 0 and r.ref_launches > 0
+        assert r.ref_bytes >= r.bytes, r.op  # unfused PyTorch moves at least what an ideal kernel must
+    by_op = {(r.op, r.batch): r for r in rows}
+    assert by_op[("merge_tokens fwd", 64)].bytes == pytest.approx(64 * by_op[("merge_tokens fwd", 1)].bytes)
+    assert by_op[("merge_tokens fwd+bwd", 1)].tensor_flops > 0
+    assert "not a measurement" in gpu_report.format_roofline(rows)
