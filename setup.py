@@ -86,16 +86,21 @@ def extension_modules():
     csrc = Path("csrc")
     sources = [str(csrc / "python_module.cpp"), str(csrc / "register.cpp"), str(csrc / "refine_keys.cpp")]
     sources += sorted(str(p) for p in (csrc / "cpu").glob("*.cpp"))
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the file is compiled with OpenMP.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if with_cuda:
         sources += sorted(str(p) for p in (csrc / "cuda").glob("*.cu"))
         cxx_flags.append("-DFPET_WITH_CUDA")
         nvcc_flags = ["-O3", "-DFPET_WITH_CUDA", "--expt-relaxed-constexpr", *cuda_gencode_flags()]
         extension = CUDAExtension(
-            "fpet_kernels._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}
+            "fpet_kernels._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
-        extension = CppExtension("fpet_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        extension = CppExtension(
+            "fpet_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     print(f"fpet_kernels: building fpet_kernels._C with {'CPU + CUDA' if with_cuda else 'CPU'} kernels"
           + (f" (CUDA_HOME={cuda_home})" if with_cuda else ""))
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
