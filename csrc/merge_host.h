@@ -2,6 +2,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/ones.h>
@@ -34,6 +36,39 @@ inline at::Tensor a_tokens(const at::Tensor& x, const Checkerboard& grid) {
     return x.slice(1, grid.prefix, grid.prefix + 2 * grid.num_a() - 1, 2);
   }
   return at::index_select(x, 1, a_token_index(grid, x)).to(acc);
+}
+
+// Inputs and outputs of the merge backward (SPEC section 3), shared by the CPU and CUDA kernels.
+struct MergeGrads {
+  at::Tensor x;          // contiguous input tokens
+  at::Tensor sizes;      // [B, N] token sizes in the accumulation dtype
+  at::Tensor g;          // [B, NB, C] dL/dx', contiguous, dtype of x
+  at::Tensor h;          // [B, NB] dL/dsize', contiguous, accumulation dtype
+  at::Tensor grad_x;     // [B, N, C], dtype of x
+  at::Tensor grad_size;  // [B, N], accumulation dtype
+  at::Tensor gz;         // [B, NB, C] g / Z
+  at::Tensor q;          // [B, NB] h - <x', g / Z>
+};
+
+// The backward's inputs made contiguous in their dtypes and its outputs allocated (filled by the device kernels).
+inline MergeGrads allocate_merge_grads(const at::Tensor& grad_x_merged, const at::Tensor& grad_size_merged,
+                                       const at::Tensor& x_in, const c10::optional<at::Tensor>& size,
+                                       const Checkerboard& grid) {
+  MergeGrads grads;
+  grads.x = x_in.contiguous();
+  grads.sizes = sizes_or_ones(size, grads.x);
+  grads.g = grad_x_merged.to(grads.x.scalar_type()).contiguous();
+  grads.h = grad_size_merged.to(grads.sizes.scalar_type()).contiguous();
+  grads.grad_x = at::empty_like(grads.x);
+  grads.grad_size = at::empty_like(grads.sizes);
+  grads.gz = at::empty({grads.x.size(0), grid.num_b(), grads.x.size(2)}, grads.sizes.options());
+  grads.q = at::empty({grads.x.size(0), grid.num_b()}, grads.sizes.options());
+  return grads;
+}
+
+// <x_A[i], g_j / Z_j> for all (i, j): [B, NA, NB] in the accumulation dtype of x.
+inline at::Tensor a_dot_gz(const MergeGrads& grads, const Checkerboard& grid) {
+  return at::bmm(a_tokens(grads.x, grid), grads.gz.transpose(1, 2));
 }
 
 }  // namespace fpet

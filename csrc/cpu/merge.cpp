@@ -202,42 +202,20 @@ TensorPair merge_forward(const Tensor& x_in, const c10::optional<Tensor>& size, 
   return {x_merged, size_merged};
 }
 
-struct MergeGrads {
-  Tensor x;           // contiguous input tokens
-  Tensor sizes;       // [B, N] token sizes in the accumulation dtype
-  Tensor grad_x;      // [B, N, C], dtype of x
-  Tensor grad_size;   // [B, N], accumulation dtype
-  Tensor gz;          // [B, NB, C] g / Z
-  Tensor q;           // [B, NB] h - <x', g / Z>
-};
-
 MergeGrads merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x_in,
                           const c10::optional<Tensor>& size, const Tensor& matching, const Checkerboard& grid) {
-  MergeGrads grads;
-  grads.x = x_in.contiguous();
-  grads.sizes = sizes_or_ones(size, grads.x);
+  MergeGrads grads = allocate_merge_grads(grad_x_merged, grad_size_merged, x_in, size, grid);
   const Tensor& x = grads.x;
-  const Tensor g = grad_x_merged.to(x.scalar_type()).contiguous();
-  const Tensor h = grad_size_merged.to(grads.sizes.scalar_type()).contiguous();
-  grads.grad_x = at::empty_like(x);
-  grads.grad_size = at::empty_like(grads.sizes);
-  grads.gz = at::empty({x.size(0), grid.num_b(), x.size(2)}, grads.sizes.options());
-  grads.q = at::empty({x.size(0), grid.num_b()}, grads.sizes.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     with_matching<acc_t>(matching, grid, [&](const auto& view) {
-      merge_backward_kernel(g.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
+      merge_backward_kernel(grads.g.data_ptr<scalar_t>(), grads.h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
                             grads.sizes.data_ptr<acc_t>(), view, grid, x.size(0), x.size(2),
                             grads.gz.data_ptr<acc_t>(), grads.q.data_ptr<acc_t>(), grads.grad_x.data_ptr<scalar_t>(),
                             grads.grad_size.data_ptr<acc_t>());
     });
   });
   return grads;
-}
-
-// <x_A[i], g_j / Z_j> for all (i, j): [B, NA, NB] in the accumulation dtype of x.
-Tensor a_dot_gz(const MergeGrads& grads, const Checkerboard& grid) {
-  return at::bmm(a_tokens(grads.x, grid), grads.gz.transpose(1, 2));
 }
 
 }  // namespace
