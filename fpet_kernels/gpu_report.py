@@ -571,8 +571,9 @@ H100_SXM = dict(name="H100 SXM", bandwidth=3.35e12, tensor_flops=989e12, fp32_fl
 
 @dataclasses.dataclass
 class RooflineRow:
-    """One op at one batch size. ``*_bytes``: minimum DRAM traffic (each input read once, each output written
-    once); FLOPs split into tensor-core FLOPs (16-bit GEMMs) and CUDA-core fp32 FLOPs; times in microseconds."""
+    """One op at one batch size. ``bytes``: minimum DRAM traffic (each input read once, each output written
+    once); FLOPs split into tensor-core FLOPs (16-bit GEMMs) and CUDA-core fp32 FLOPs; ``ref_bytes`` and
+    ``ref_launches``: the pure-PyTorch reference's (:func:`reference_traffic`); times in microseconds."""
 
     op: str
     batch: int
@@ -628,46 +629,127 @@ ROOFLINE_OPS = ("refine_keys", "checkerboard_similarity", "ste_match", "scatter_
                 "merge_tokens fwd+bwd", "merge_tokens no-grad")
 
 
-class _TrafficCounter:
-    """Counts the aten ops that reach a backend kernel (view and metadata ops excluded) and the bytes of their
-    tensor inputs and outputs: what eager PyTorch launches and moves, op by op, with nothing fused."""
+@dataclasses.dataclass
+class _Call:
+    """One dispatcher call recorded while the reference ran: its schema, its tensor arguments (``inputs``, schema
+    order, tensor lists flattened) and results (``outputs``) as ``(tensor id, storage id, bytes, dims)`` with
+    ``bytes = numel * element size``, and the calls it made (``calls``)."""
 
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                counter.add(func, args, kwargs or {}, out)
-                return out
-
-        self.mode = Mode()
-        self.launches = 0
-        self.bytes = 0
-
-    def add(self, func, args, kwargs, out) -> None:
-        import torch
-        from torch.utils._pytree import tree_leaves
-
-        schema = func._schema
-        if func.is_view or all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns) \
-                and schema.returns or func.__name__.split(".")[0] in _NO_KERNEL_OPS:
-            return
-        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-        self.launches += 1
-        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+    schema: str
+    inputs: List[Tuple[int, int, int, int]]
+    outputs: List[Tuple[int, int, int, int]]
+    calls: List["_Call"] = dataclasses.field(default_factory=list)
 
 
-# Ops that allocate or describe without running a kernel.
-_NO_KERNEL_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_to_copy_meta",
-                  "lift_fresh", "detach", "alias", "_local_scalar_dense", "is_nonzero", "sym_size", "sym_stride"}
+# Calls that run no kernel although their schema does not declare an alias: allocations, metadata-only and
+# in-place view ops, host syncs and constants lifted into the graph.
+_NO_KERNEL_OPS = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided",
+                  "_unsafe_view", "_reshape_alias", "as_strided_", "resize_", "set_", "detach_", "alias", "detach",
+                  "lift_fresh", "_local_scalar_dense", "is_nonzero", "sym_size", "sym_stride"}
 
 
-def reference_traffic(op: str, batch: int, dtype=None) -> Tuple[int, int]:
-    """(aten kernel launches, bytes of their inputs + outputs) of the pure-PyTorch reference of ``op`` at ViT-B/16
-    shapes, run on ``meta`` tensors (shapes and dtypes only, nothing computed)."""
+_OP_INFO: Dict[str, Tuple[str, bool, bool, Tuple[bool, ...]]] = {}
+
+
+def _op_info(schema: str) -> Tuple[str, bool, bool, Tuple[bool, ...]]:
+    """``(name, may_launch, own_kernel, fresh_returns)`` of the op with this schema string. ``may_launch``: not a
+    view or alias of an input (all returns alias an input, not written), not in ``_NO_KERNEL_OPS``, not
+    CompositeImplicitAutograd (those are decompositions: only the ops they call run). ``own_kernel``: a CPU
+    kernel is registered for the op itself (not a CompositeExplicitAutograd body that only calls other ops).
+    ``fresh_returns``: per return, whether it is a new tensor (else it aliases an argument)."""
+    import torch
+
+    if schema in _OP_INFO:
+        return _OP_INFO[schema]
+    parsed = torch._C.parse_schema(schema)
+    name = parsed.name + (f".{parsed.overload_name}" if parsed.overload_name else "")
+    returns = parsed.returns
+    aliasing = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    may_launch = not (aliasing or parsed.name.split("::")[-1] in _NO_KERNEL_OPS
+                      or has_kernel(name, "CompositeImplicitAutograd"))
+    info = name, may_launch, has_kernel(name, "CPU"), tuple(r.alias_info is None for r in returns)
+    _OP_INFO[schema] = info
+    return info
+
+
+def kernel_launches(calls: Sequence[_Call]) -> List[Tuple[str, int]]:
+    """The kernel launches of a recorded call tree, in order, as ``(op, bytes)``; ``bytes`` sums ``numel * element
+    size`` of the op's tensor arguments and of its new results (a result that aliases an argument, as in ``add_``,
+    is counted once; 0-dim tensors count nothing: a Python scalar operand is a kernel argument on a GPU).
+
+    A call launches a kernel when it may launch (:func:`_op_info`: not a view, allocation, metadata op or
+    CompositeImplicitAutograd decomposition), it is not nested inside another launch, and either it has a kernel
+    of its own or nothing under it may launch (``copy_`` under ``_to_copy``, ``zero_`` under ``zeros``). What a
+    launching op calls is its kernel's business, and on CPU that includes work a GPU does not do: casting a Python
+    scalar operand (a kernel argument on a GPU), a CPU reduction's output initialisation, ``fill_(Tensor)``'s
+    ``copy_``. One exception: a ``copy_`` of one of its inputs into its new result (a functional clone-then-update
+    op such as ``scatter_add``) is a launch of its own: the shared structured kernel does it on every device."""
+    launches: List[Tuple[str, int]] = []
+
+    def nbytes(tensors: Sequence[Tuple[int, int, int, int]]) -> int:
+        return sum(t[2] for t in tensors if t[3] > 0)
+
+    def new_storages(call: _Call) -> set:
+        return {t[1] for t, new in zip(call.outputs, _op_info(call.schema)[3]) if new}
+
+    def may_launch_below(call: _Call) -> bool:
+        return any(_op_info(c.schema)[1] or may_launch_below(c) for c in call.calls)
+
+    def visit(call: _Call, enclosing: Optional[_Call]) -> None:
+        name, may_launch, own_kernel, fresh = _op_info(call.schema)
+        if enclosing is not None:
+            if name == "aten::copy_" and len(call.inputs) == 2 \
+                    and call.inputs[1][0] in {t[0] for t in enclosing.inputs} \
+                    and call.inputs[0][1] in new_storages(enclosing):
+                launches.append((name, nbytes(call.inputs)))
+        elif may_launch and (own_kernel or not may_launch_below(call)):
+            launches.append((name, nbytes(call.inputs) + nbytes([t for t, new in zip(call.outputs, fresh) if new])))
+            enclosing = call
+        for child in call.calls:
+            visit(child, enclosing)
+
+    for call in calls:
+        visit(call, None)
+    return launches
+
+
+def _trace_tensors(value: Any, shape: Any, kind: str) -> List[Tuple[int, int, int, int]]:
+    """The tensors of one execution-trace argument: a tensor is recorded as ``[tensor id, storage id, offset,
+    numel, element size, device]`` with its shape alongside; a tensor list as lists of those."""
+    if "Tensor" not in kind or not isinstance(value, list):
+        return []
+    if len(value) == 6 and all(isinstance(v, int) for v in value[:5]) and isinstance(value[5], str):
+        return [(value[0], value[1], value[3] * value[4], len(shape))]
+    return [t for item, dims in zip(value, shape) for t in _trace_tensors(item, dims, kind)]
+
+
+def execution_trace_calls(nodes: Sequence[Dict[str, Any]]) -> List[_Call]:
+    """The call tree of the operator nodes of a PyTorch execution trace (``ExecutionTraceObserver``): nodes without
+    an op schema (threads, autograd engine functions, ``record_function`` ranges) are left out, their calls
+    attached to the nearest recorded ancestor. Node ids follow call order."""
+    by_id = {node["id"]: node for node in nodes}
+    calls: Dict[int, _Call] = {}
+    for node in sorted(nodes, key=lambda n: n["id"]):
+        schema = next((a["value"] for a in node.get("attrs", ()) if a["name"] == "op_schema"), "")
+        if schema:
+            tensors = {side: [t for args in [node[side]] for value, shape, kind in
+                              zip(args["values"], args["shapes"], args["types"])
+                              for t in _trace_tensors(value, shape, kind)] for side in ("inputs", "outputs")}
+            calls[node["id"]] = _Call(schema, tensors["inputs"], tensors["outputs"])
+    roots: List[_Call] = []
+    for node_id in sorted(calls):
+        parent = by_id[node_id].get("ctrl_deps")
+        while parent in by_id and parent not in calls and by_id[parent].get("ctrl_deps") != parent:
+            parent = by_id[parent].get("ctrl_deps")
+        (calls[parent].calls if parent in calls else roots).append(calls[node_id])
+    return roots
+
+
+def reference_workload(op: str, batch: int, dtype=None):
+    """A zero-argument function running the pure-PyTorch reference of ``op`` (one of ``ROOFLINE_OPS``) once at
+    ViT-B/16 shapes on CPU tensors, grad mode included; its inputs (and the backward's output gradients) are made
+    here, outside it, and so are the cached checkerboard index tensors."""
     import torch
 
     from . import reference as ref
@@ -677,42 +759,94 @@ def reference_traffic(op: str, batch: int, dtype=None) -> Tuple[int, int]:
     grid, prefix = s["grid"], s["prefix"]
     cells = grid[0] * grid[1]
     na, nb = (cells + 1) // 2, prefix + cells // 2
-    meta = dict(device="meta")
-    grad = op == "merge_tokens fwd+bwd"
-    x = torch.empty(batch, s["tokens"], s["channels"], dtype=dtype, **meta).requires_grad_(grad)
-    metric = torch.empty(batch, s["tokens"], s["head_dim"], dtype=dtype, **meta).requires_grad_(grad)
-    ref.checkerboard_indices(grid, prefix)  # build the cached index tensors outside the count
-    counter = _TrafficCounter()
+    gen = torch.Generator().manual_seed(0)
+    grad = op in ("merge_tokens fwd", "merge_tokens fwd+bwd")
+    x = torch.randn(batch, s["tokens"], s["channels"], generator=gen, dtype=dtype).requires_grad_(grad)
+    metric = torch.randn(batch, s["tokens"], s["head_dim"], generator=gen, dtype=dtype).requires_grad_(grad)
+    ref.checkerboard_indices(grid, prefix)
+
+    def merge():
+        return ref.merge_tokens(x, metric, grid_size=grid, num_prefix_tokens=prefix)
+
     if op == "refine_keys":
-        w_down = torch.empty(s["refine_dim"], s["head_dim"], dtype=dtype, **meta)
-        w_up = torch.empty(s["head_dim"], s["refine_dim"], dtype=dtype, **meta)
-        run = lambda: ref.refine_keys(metric, w_down, w_up)  # noqa: E731
-    elif op == "checkerboard_similarity":
-        run = lambda: ref.checkerboard_similarity(metric, grid, prefix)  # noqa: E731
-    elif op == "ste_match":
-        scores = torch.empty(batch, na, nb, dtype=torch.float32, **meta)
-        run = lambda: ref.ste_match(scores)  # noqa: E731
-    elif op == "scatter_mean_merge":
-        index = torch.zeros(batch, na, dtype=torch.int64, **meta)
-        run = lambda: ref.scatter_mean_merge(x, None, index, grid, prefix)  # noqa: E731
-    elif op == "merge_tokens fwd+bwd":
-        def run():
-            merged, size = ref.merge_tokens(x, metric, grid_size=grid, num_prefix_tokens=prefix)
-            torch.autograd.backward([merged, size], [torch.empty_like(merged), torch.empty_like(size)])
-    elif op in ("merge_tokens fwd", "merge_tokens no-grad"):
-        x.requires_grad_(op == "merge_tokens fwd")
-        metric.requires_grad_(op == "merge_tokens fwd")
-        run = lambda: ref.merge_tokens(x, metric, grid_size=grid, num_prefix_tokens=prefix)  # noqa: E731
-    else:
-        raise ValueError(f"unknown op {op!r}")
-    with torch.set_grad_enabled(op != "merge_tokens no-grad"), counter.mode:
-        run()
-    return counter.launches, counter.bytes
+        w_down = torch.randn(s["refine_dim"], s["head_dim"], generator=gen, dtype=dtype)
+        w_up = torch.randn(s["head_dim"], s["refine_dim"], generator=gen, dtype=dtype)
+        return lambda: ref.refine_keys(metric, w_down, w_up)
+    if op == "checkerboard_similarity":
+        return lambda: ref.checkerboard_similarity(metric, grid, prefix)
+    if op == "ste_match":
+        scores = torch.randn(batch, na, nb, generator=gen)
+        return lambda: ref.ste_match(scores)
+    if op == "scatter_mean_merge":
+        index = torch.randint(0, nb, (batch, na), generator=gen)
+        return lambda: ref.scatter_mean_merge(x, None, index, grid, prefix)
+    if op == "merge_tokens fwd":
+        return merge
+    if op == "merge_tokens fwd+bwd":
+        grads = [torch.randn(batch, nb, s["channels"], generator=gen, dtype=dtype),
+                 torch.randn(batch, nb, generator=gen)]
+        return lambda: torch.autograd.backward(merge(), grads)
+    if op == "merge_tokens no-grad":
+        return torch.no_grad()(merge)
+    raise ValueError(f"unknown op {op!r}")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence what the profiler's C++ side prints on file descriptor 2 (observer on/off notices, no-GPU errors
+    of the Kineto backend); shown again if the body raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def profile_calls(run) -> List[_Call]:
+    """Call ``run()`` once under ``torch.profiler.profile`` with an ``ExecutionTraceObserver``, which records every
+    dispatcher call with its input and output tensors (ids, numel, element size) and its nesting, and return the
+    call tree (:func:`execution_trace_calls`)."""
+    from torch.profiler import ExecutionTraceObserver, ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "execution_trace.json")
+        observer = ExecutionTraceObserver().register_callback(path)
+        try:
+            with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], execution_trace_observer=observer):
+                run()
+        finally:
+            observer.unregister_callback()
+        with open(path) as f:
+            nodes = json.load(f)["nodes"]
+    return execution_trace_calls(nodes)
+
+
+def profile_reference(op: str, batch: int, dtype=None) -> List[_Call]:
+    """The profiled call tree (:func:`profile_calls`) of one run of :func:`reference_workload`."""
+    return profile_calls(reference_workload(op, batch, dtype))
+
+
+def reference_traffic(op: str, batch: int, dtype=None) -> Tuple[int, int]:
+    """(kernel launches, bytes of their inputs + outputs) of the pure-PyTorch reference of ``op`` at ViT-B/16
+    shapes, counted from a ``torch.profiler`` execution trace of one CPU run (:func:`profile_reference`,
+    :func:`kernel_launches`): eager PyTorch's launches and traffic, op by op, with nothing fused."""
+    launches = kernel_launches(profile_reference(op, batch, dtype))
+    return len(launches), sum(nbytes for _, nbytes in launches)
 
 
 def roofline(batches: Sequence[int] = (1, 64, 256)) -> List[RooflineRow]:
     """The bf16 roofline model of every op (ROOFLINE_OPS) at ViT-B/16 shapes on an H100 SXM: a lower bound, not a
-    measurement. The reference's FLOPs are taken as the ideal ones (it does at least that work)."""
+    measurement. The reference's bytes and launches are counted from a profiled CPU run (:func:`reference_traffic`);
+    its FLOPs are taken as the ideal ones (it does at least that work)."""
     rows = []
     for op in ROOFLINE_OPS:
         for batch in batches:

@@ -4,11 +4,17 @@ and every CUDA C++ kernel compiles for sm_80 and sm_90 without spills, within ea
 
 To stay within a couple of minutes on 2 cores, CI compiles the first autotune config of every kernel for bfloat16
 and float16 (the tensor-core dtypes); ``fpet gpu-report`` compiles every config and float32 too.
+
+The roofline tests check the reference's kernel launches and bytes, counted from a ``torch.profiler`` execution
+trace, against the same calls recorded by a dispatch mode.
 """
 import pytest
 import torch
 import triton
 import triton.language as tl
+from torch._C import DispatchKey
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fpet_kernels import gpu_report
 from fpet_kernels.gpu_report import KernelRow, check, occupancy_warps
@@ -113,4 +119,111 @@ def test_roofline_model():
     by_op = {(r.op, r.batch): r for r in rows}
     assert by_op[("merge_tokens fwd", 64)].bytes == pytest.approx(64 * by_op[("merge_tokens fwd", 1)].bytes)
     assert by_op[("merge_tokens fwd+bwd", 1)].tensor_flops > 0
+    for op in gpu_report.ROOFLINE_OPS:  # the reference's launches do not depend on the batch size
+        assert by_op[(op, 1)].ref_launches == by_op[(op, 64)].ref_launches, op
     assert "not a measurement" in gpu_report.format_roofline(rows)
+
+
+class _DispatchRecorder(TorchDispatchMode):
+    """The independent check of the profiler's call tree: a dispatch mode that sees every aten call below autograd,
+    including the calls each kernel makes (it runs the kernel for its dispatch key with the mode re-entered), and
+    records them as the same ``_Call`` tree from the live tensors."""
+
+    KEYS = (DispatchKey.CPU, DispatchKey.CompositeExplicitAutogradNonFunctional,
+            DispatchKey.CompositeExplicitAutograd, DispatchKey.CompositeImplicitAutograd)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self._stack = [self.calls]
+
+    @staticmethod
+    def _tensors(values):
+        return [(t._cdata, t.untyped_storage()._cdata, t.numel() * t.element_size(), t.dim())
+                for t in tree_leaves(values) if isinstance(t, torch.Tensor)]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema
+        ordered = [args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(schema.arguments)]
+        call = gpu_report._Call(str(schema), self._tensors(ordered), [])
+        self._stack[-1].append(call)
+        self._stack.append(call.calls)
+        try:
+            key = next(k for k in self.KEYS if func.has_kernel_for_dispatch_key(k))
+            if func.is_view and key != DispatchKey.CompositeImplicitAutograd:
+                out = func(*args, **kwargs)  # a view: no kernel, nothing inside (detach would recurse into itself)
+            else:
+                with self:
+                    out = func._op_dk(key, *args, **kwargs)
+        finally:
+            self._stack.pop()
+        call.outputs = self._tensors(out)
+        return out
+
+
+def _dispatch_calls(run):
+    recorder = _DispatchRecorder()
+    with recorder:
+        run()
+    return recorder.calls
+
+
+def _with_a_dispatch_mode(launches):
+    """The reference's backward as it runs under a dispatch mode. With a mode active, autograd takes its
+    composite-compliant paths (no in-place ops on tensors a mode could wrap): gradient accumulation runs ``add``
+    instead of ``add_`` (one more result of the same size), and the backward of ``topk`` and of indexing build their
+    gradient with functional ``scatter`` / ``index_put`` instead of ``scatter_`` / ``index_put_`` into fresh zeros:
+    one more ``copy_`` (the clone of the zeros) each, and ``scatter``'s new result."""
+    out = []
+    for i, (name, nbytes) in enumerate(launches):
+        if name == "aten::add_.Tensor":
+            out.append(("aten::add.Tensor", nbytes * 3 // 2))
+        elif name == "aten::_index_put_impl_":
+            zeros, zeros_bytes = launches[i - 1]
+            assert zeros == "aten::zero_"
+            out += [("aten::copy_", 2 * zeros_bytes), (name, nbytes)]
+        elif name == "aten::scatter_.src":
+            zeros, zeros_bytes = launches[i - 1]
+            assert zeros == "aten::zero_"
+            out += [("aten::scatter.src", nbytes + zeros_bytes), ("aten::copy_", 2 * zeros_bytes)]
+        else:
+            out.append((name, nbytes))
+    return out
+
+
+@pytest.mark.parametrize("op", gpu_report.ROOFLINE_OPS)
+def test_profiler_launches_match_an_independent_dispatch_count(op):
+    """The launches and bytes counted from the profiler's execution trace agree, call by call, with those counted
+    from a dispatch mode, at B = 1 and 2 (each run on fresh inputs): exactly on one run seen by both at once, and on
+    separate runs up to what the mode itself changes in the backward (:func:`_with_a_dispatch_mode`)."""
+    for batch in (1, 2):
+        profiled = gpu_report.kernel_launches(gpu_report.profile_reference(op, batch))
+        assert gpu_report.reference_traffic(op, batch) == (len(profiled), sum(b for _, b in profiled))
+        dispatched = gpu_report.kernel_launches(_dispatch_calls(gpu_report.reference_workload(op, batch)))
+        expected = _with_a_dispatch_mode(profiled) if op == "merge_tokens fwd+bwd" else profiled
+        assert profiled and dispatched == expected, (op, batch)
+        if op == "merge_tokens fwd+bwd":
+            assert len(dispatched) == len(profiled) + 5 and profiled != dispatched
+        seen = []
+        run = gpu_report.reference_workload(op, batch)
+        traced = gpu_report.kernel_launches(gpu_report.profile_calls(lambda: seen.append(_dispatch_calls(run))))
+        assert traced == gpu_report.kernel_launches(seen[0]) == dispatched, (op, batch)
+
+
+def test_launch_rules():
+    """What counts as a launch (op, bytes) in small cases, from the profiler's trace."""
+    a, idx = torch.ones(3), torch.tensor([0, 0, 1])
+    mask = torch.tensor([True, False, True])
+
+    def launches(run):
+        return gpu_report.kernel_launches(gpu_report.profile_calls(run))
+
+    assert launches(lambda: a.view(1, 3).t().expand(3, 3)) == []  # views
+    assert launches(lambda: a.to(torch.float64)) == [("aten::copy_", 3 * 8 + 3 * 4)]  # _to_copy -> its copy_
+    assert launches(lambda: a * 2) == [("aten::mul.Tensor", 12 + 12)]  # the scalar: no bytes, its CPU cast no launch
+    assert launches(lambda: a.masked_fill(mask, 0.0)) == [("aten::copy_", 24), ("aten::masked_fill_.Scalar", 15)]
+    assert launches(lambda: a.scatter_add(0, idx, a)) == [  # the functional op's clone counts: a launch on GPU too
+        ("aten::scatter_add", 12 + 24 + 12 + 12), ("aten::copy_", 24)]
+    assert launches(lambda: torch.zeros(4)) == [("aten::zero_", 16)]  # allocation excluded
+    assert launches(lambda: torch.nn.functional.dropout(a, 0.5, training=False)) == []  # a decomposition to nothing
