@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include "fpet_math.h"
@@ -45,5 +46,11 @@ inline void check_matching(const at::Tensor& matching, const at::Tensor& x, cons
 inline at::ScalarType accumulation_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// Held around the ATen GEMMs inside the kernels: they run in the kernels' accumulation dtype, which torch.autocast
+// (still active for ops called from inside a custom op) would otherwise re-cast to 16 bits.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 }  // namespace fpet

@@ -68,6 +68,7 @@ inline MergeGrads allocate_merge_grads(const at::Tensor& grad_x_merged, const at
 
 // <x_A[i], g_j / Z_j> for all (i, j): [B, NA, NB] in the accumulation dtype of x.
 inline at::Tensor a_dot_gz(const MergeGrads& grads, const Checkerboard& grid) {
+  const NoAutocast no_autocast;
   return at::bmm(a_tokens(grads.x, grid), grads.gz.transpose(1, 2));
 }
 

@@ -339,6 +339,40 @@ def test_bitwise_identical_across_thread_counts(dtype):
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
+def test_merge_tokens_forward_paths_agree():
+    """The cpp forward runs whole batches per thread (normalise, score, argmax and merge fused per batch) when
+    B >= 2 * threads, and phase by phase with the merge sliced by channels otherwise. B = 3 takes the first path on
+    one thread and the second on two: both match the reference and each other, bitwise."""
+    shape = Shape(3, 14, 14, 1, 96, 64)
+    x, metric, size = inputs(shape, torch.float32, "cpu", seed=23)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                results.append(torch.ops.fpet.merge_tokens(x, metric, size, 14, 14, 1))
+    finally:
+        torch.set_num_threads(before)
+    expected = ref.merge_tokens(x, metric, size, grid_size=shape.grid, num_prefix_tokens=shape.prefix)
+    for fused, sliced, want in zip(*results, expected):
+        assert torch.equal(fused, sliced)
+        torch.testing.assert_close(fused, want)
+
+
+def test_autocast_keeps_scores_in_float32():
+    """Under torch.autocast the GEMMs inside the kernels still run in float32 (the index matches float32 inputs)."""
+    shape = Shape(4, 14, 14, 1, 32, 64)
+    x, metric, size = inputs(shape, torch.float32, "cpu", seed=24)
+    with torch.no_grad():
+        want = torch.ops.fpet.merge_tokens(x, metric, size, 14, 14, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = torch.ops.fpet.merge_tokens(x, metric, size, 14, 14, 1)
+            scores = torch.ops.fpet.checkerboard_similarity(metric, 14, 14, 1)
+    assert scores.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # ---------------------------------------------------------------------------------------------- dispatch
 def test_auto_picks_cpp_on_cpu():
     assert "cpp" in ops.available_backends()

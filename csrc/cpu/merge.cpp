@@ -1,9 +1,12 @@
 // scatter_mean_merge and the fused merge_tokens on the CPU (SPEC section 2 steps 3-6, section 3).
 //
-// Forward: each B row j is summed over the A rows matched to it, found through an inverse index (a counting sort
-// of k per batch) or, for a float matching, through the non-zero entries of column j; in a fixed order, never with
-// atomics. Backward: the closed forms of SPEC section 3; dL/dM is formed row by row from one GEMM
-// X_A (G/Z)^T and, in merge_tokens, turned into dL/dS in the same buffer (dL/dM is never stored on its own).
+// One-hot matching (an index k): the forward reads x once, in memory order, per (batch, channel slice), adding
+// s_t x[t] into the B row that token t is merged into (itself for a B token, k(i) for A cell i), then divides each
+// row by Z_j. Each output element is summed in that fixed order by one thread, never with atomics, so results do
+// not depend on the thread count or on how channels are sliced. The backward applies the closed forms of SPEC
+// section 3 per batch; dL/dM is formed from one GEMM X_A (G/Z)^T and, in merge_tokens, turned into dL/dS in the same
+// buffer (dL/dM is never stored on its own). Float matchings (scatter_mean_merge with a dense M) walk the non-zero
+// entries of M instead.
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -20,43 +23,168 @@ namespace cpu {
 
 namespace {
 
-// A rows grouped by their matched B column: A row order[offsets[j] .. offsets[j+1]) are merged into B row j, in
-// ascending order of i (a stable counting sort of k). Per batch: offsets [B, NB + 1], order [B, NA].
-struct InverseIndex {
-  Tensor offsets;
-  Tensor order;
-};
+// ------------------------------------------------------------------------------------- one-hot matching (index)
 
-InverseIndex invert_index(const Tensor& index, int64_t num_b) {
-  const int64_t batch = index.size(0);
-  const int64_t num_a = index.size(1);
-  InverseIndex inverse{at::zeros({batch, num_b + 1}, index.options()), at::empty({batch, num_a}, index.options())};
-  const int64_t* k = index.data_ptr<int64_t>();
-  int64_t* offsets = inverse.offsets.data_ptr<int64_t>();
-  int64_t* order = inverse.order.data_ptr<int64_t>();
-  at::parallel_for(0, batch, grain_for(4 * num_a), [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> cursor(num_b);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t* kb = k + b * num_a;
-      int64_t* off = offsets + b * (num_b + 1);
-      for (int64_t i = 0; i < num_a; ++i) {
-        TORCH_CHECK(kb[i] >= 0 && kb[i] < num_b, "matching index ", kb[i], " out of range [0, ", num_b, ")");
-        ++off[kb[i] + 1];
+// Channel slices per batch row: one when the batch alone keeps every thread busy, more for small batches.
+int64_t channel_slices(int64_t batch, int64_t channels) {
+  const int64_t wanted = (2 * at::get_num_threads() + batch - 1) / batch;
+  return std::max<int64_t>(1, std::min<int64_t>(wanted, channels / 64));
+}
+
+// The B row token t goes to: itself for a prefix token or B cell, its match k(i) for A cell i. Sets a_rank to i
+// for an A cell, -1 otherwise. index points at the batch's k [NA].
+inline int64_t merge_target(const Checkerboard& grid, const int64_t* index, int64_t token, int64_t& a_rank) {
+  const TokenSlot slot = token_slot(grid, token);
+  a_rank = slot.is_a ? slot.rank : -1;
+  if (slot.rank < 0) return token;                       // prefix token
+  if (!slot.is_a) return grid.prefix + slot.rank;        // B cell
+  const int64_t k = index[slot.rank];
+  TORCH_CHECK(k >= 0 && k < grid.num_b(), "matching index ", k, " out of range [0, ", grid.num_b(), ")");
+  return k;
+}
+
+// acc[j, :] = sum over the tokens t merged into B row j (itself and the A cells with k(i) = j), in token order, of
+// s_t x[t, c0:c0+width]; z[j] = Z_j, the sum of their sizes (SPEC section 2, step 6). One pass over x in memory
+// order, for one batch: x, size and index point at that batch.
+template <typename scalar_t>
+void accumulate_merge(const scalar_t* x, const acc_type<scalar_t>* size, const int64_t* index,
+                      const Checkerboard& grid, int64_t channels, int64_t c0, int64_t width,
+                      acc_type<scalar_t>* acc, acc_type<scalar_t>* z, std::vector<bool>& touched) {
+  touched.assign(grid.num_b(), false);
+  for (int64_t token = 0; token < grid.num_tokens(); ++token) {
+    int64_t a_rank;
+    const int64_t j = merge_target(grid, index, token, a_rank);
+    const scalar_t* src = x + token * channels + c0;
+    if (touched[j]) {
+      axpy(acc + j * width, size[token], src, width);
+      z[j] += size[token];
+    } else {  // the first token of row j initialises it: no zero-fill pass
+      scale_into(acc + j * width, size[token], src, width);
+      z[j] = size[token];
+      touched[j] = true;
+    }
+  }
+}
+
+template <typename scalar_t>
+void merge_forward_index_kernel(const scalar_t* x, const acc_type<scalar_t>* size, const int64_t* index,
+                                const Checkerboard& grid, int64_t batch, int64_t channels, scalar_t* x_merged,
+                                acc_type<scalar_t>* size_merged) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t tokens = grid.num_tokens();
+  const int64_t num_a = grid.num_a();
+  const int64_t num_b = grid.num_b();
+  const int64_t slices = channel_slices(batch, channels);
+  const int64_t slice_width = (channels + slices - 1) / slices;
+  at::parallel_for(0, batch * slices, 1, [&](int64_t begin, int64_t end) {
+    const auto acc = scratch<acc_t>(num_b * slice_width);
+    const auto z = scratch<acc_t>(num_b);
+    std::vector<bool> touched;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / slices;
+      const int64_t c0 = (task % slices) * slice_width;
+      const int64_t width = std::min(slice_width, channels - c0);
+      if (width <= 0) continue;
+      accumulate_merge(x + b * tokens * channels, size + b * tokens, index + b * num_a, grid, channels, c0, width,
+                       acc.get(), z.get(), touched);
+      for (int64_t j = 0; j < num_b; ++j) {
+        store_divided(x_merged + (b * num_b + j) * channels + c0, acc.get() + j * width, z[j], width);
       }
-      for (int64_t j = 0; j < num_b; ++j) off[j + 1] += off[j];
-      std::copy(off, off + num_b, cursor.begin());
-      for (int64_t i = 0; i < num_a; ++i) order[b * num_a + cursor[kb[i]]++] = i;
+      if (c0 == 0) std::copy(z.get(), z.get() + num_b, size_merged + b * num_b);
     }
   });
-  return inverse;
 }
+
+// merge_tokens forward fused per batch (SPEC section 2, steps 4-6): normalise, score (one GEMM), argmax and merge
+// one batch at a time on one thread, so the metric's intermediates never leave the caches and the GEMM of one
+// batch overlaps the memory-bound merge of another. The same per-batch code as the unfused path, so the same k(i).
+template <typename scalar_t>
+void merge_tokens_fused_kernel(const scalar_t* x, const scalar_t* metric, const acc_type<scalar_t>* size,
+                               const Checkerboard& grid, int64_t batch, int64_t channels, int64_t dim,
+                               scalar_t* x_merged, acc_type<scalar_t>* size_merged) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t tokens = grid.num_tokens();
+  const int64_t num_a = grid.num_a();
+  const int64_t num_b = grid.num_b();
+  const int64_t cells = num_b - grid.prefix;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    const auto hat_a = scratch<acc_t>(num_a * dim);
+    const auto hat_b = scratch<acc_t>(cells * dim);
+    const auto scores = scratch<acc_t>(num_a * cells);
+    const auto index = scratch<int64_t>(num_a);
+    const auto acc = scratch<acc_t>(num_b * channels);
+    const auto z = scratch<acc_t>(num_b);
+    std::vector<bool> touched;
+    for (int64_t b = begin; b < end; ++b) {
+      normalize_batch(metric + b * tokens * dim, grid, dim, hat_a.get(), hat_b.get(), static_cast<acc_t*>(nullptr));
+      batch_scores(hat_a.get(), hat_b.get(), grid, dim, scores.get());
+      batch_argmax(scores.get(), grid, index.get());
+      accumulate_merge(x + b * tokens * channels, size + b * tokens, index.get(), grid, channels, 0, channels,
+                       acc.get(), z.get(), touched);
+      for (int64_t j = 0; j < num_b; ++j) {
+        store_divided(x_merged + (b * num_b + j) * channels, acc.get() + j * channels, z[j], channels);
+      }
+      std::copy(z.get(), z.get() + num_b, size_merged + b * num_b);
+    }
+  });
+}
+
+// Gradients of x and size for a one-hot matching (SPEC section 3), plus what dL/dM needs: gz = g / Z [B, NB, C],
+// q_j = h_j - <x'_j, gz_j> [B, NB], so that dL/dM[i, j] = s_A[i] (<x_A[i], gz_j> + q_j); and, if x_a is given, x_A
+// as a contiguous [B, NA, C] matrix in the accumulation dtype (the GEMM's left operand), copied on the way.
+template <typename scalar_t>
+void merge_backward_index_kernel(const scalar_t* grad_x_merged, const acc_type<scalar_t>* grad_size_merged,
+                                 const scalar_t* x, const acc_type<scalar_t>* size, const int64_t* index,
+                                 const Checkerboard& grid, int64_t batch, int64_t channels, acc_type<scalar_t>* gz,
+                                 acc_type<scalar_t>* q, scalar_t* grad_x, acc_type<scalar_t>* grad_size,
+                                 acc_type<scalar_t>* x_a) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t tokens = grid.num_tokens();
+  const int64_t num_a = grid.num_a();
+  const int64_t num_b = grid.num_b();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    const auto merged = scratch<acc_t>(num_b * channels);
+    const auto z = scratch<acc_t>(num_b);
+    std::vector<bool> touched;
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* xb = x + b * tokens * channels;
+      const acc_t* sb = size + b * tokens;
+      const int64_t* kb = index + b * num_a;
+      accumulate_merge(xb, sb, kb, grid, channels, 0, channels, merged.get(), z.get(), touched);
+      for (int64_t j = 0; j < num_b; ++j) {
+        const int64_t row = b * num_b + j;
+        acc_t* merged_row = merged.get() + j * channels;
+        acc_t* gz_row = gz + row * channels;
+        const scalar_t* g_row = grad_x_merged + row * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          merged_row[c] /= z[j];  // x'_j
+          gz_row[c] = static_cast<acc_t>(g_row[c]) / z[j];
+        }
+        q[row] = grad_size_merged[row] - dot<acc_t>(merged_row, gz_row, channels);
+      }
+      // Every token t merged into B row j (j itself, or A cell i with k(i) = j), in memory order:
+      // dL/dx[t] = s_t gz_j, dL/ds[t] = <x[t], gz_j> + q_j.
+      for (int64_t token = 0; token < tokens; ++token) {
+        int64_t a_rank;
+        const int64_t row = b * num_b + merge_target(grid, kb, token, a_rank);
+        const acc_t* gz_row = gz + row * channels;
+        const scalar_t* x_row = xb + token * channels;
+        store_scaled(grad_x + (b * tokens + token) * channels, gz_row, sb[token], channels);
+        grad_size[b * tokens + token] = dot<acc_t>(x_row, gz_row, channels) + q[row];
+        if (x_a && a_rank >= 0) scale_into(x_a + (b * num_a + a_rank) * channels, acc_t(1), x_row, channels);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------- float matching (dense M)
 
 // total = s_B[j] x_B[j] + sum_i M[i, j] s_A[i] x_A[i], returns Z_j = s_B[j] + sum_i M[i, j] s_A[i] (SPEC section 2,
 // step 6). x and size point at batch b; total has C entries.
-template <typename scalar_t, typename Matching>
-acc_type<scalar_t> merge_row(const scalar_t* x, const acc_type<scalar_t>* size, const Matching& matching,
-                             const Checkerboard& grid, int64_t b, int64_t j, int64_t channels,
-                             acc_type<scalar_t>* total) {
+template <typename scalar_t>
+acc_type<scalar_t> merge_row(const scalar_t* x, const acc_type<scalar_t>* size,
+                             const DenseMatching<acc_type<scalar_t>>& matching, const Checkerboard& grid, int64_t b,
+                             int64_t j, int64_t channels, acc_type<scalar_t>* total) {
   using acc_t = acc_type<scalar_t>;
   const int64_t token_b = grid.b_token(j);
   acc_t z = size[token_b];
@@ -70,10 +198,10 @@ acc_type<scalar_t> merge_row(const scalar_t* x, const acc_type<scalar_t>* size, 
   return z;
 }
 
-template <typename scalar_t, typename Matching>
-void merge_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* size, const Matching& matching,
-                          const Checkerboard& grid, int64_t batch, int64_t channels, scalar_t* x_merged,
-                          acc_type<scalar_t>* size_merged) {
+template <typename scalar_t>
+void merge_forward_dense_kernel(const scalar_t* x, const acc_type<scalar_t>* size,
+                                const DenseMatching<acc_type<scalar_t>>& matching, const Checkerboard& grid,
+                                int64_t batch, int64_t channels, scalar_t* x_merged, acc_type<scalar_t>* size_merged) {
   using acc_t = acc_type<scalar_t>;
   const int64_t tokens = grid.num_tokens();
   const int64_t num_b = grid.num_b();
@@ -90,13 +218,13 @@ void merge_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* size, con
   });
 }
 
-// Gradients of x and size (SPEC section 3), plus what dL/dM needs: gz = g / Z [B, NB, C] and
-// q_j = h_j - <x'_j, gz_j> [B, NB], so that dL/dM[i, j] = s_A[i] (<x_A[i], gz_j> + q_j).
-template <typename scalar_t, typename Matching>
-void merge_backward_kernel(const scalar_t* grad_x_merged, const acc_type<scalar_t>* grad_size_merged,
-                           const scalar_t* x, const acc_type<scalar_t>* size, const Matching& matching,
-                           const Checkerboard& grid, int64_t batch, int64_t channels, acc_type<scalar_t>* gz,
-                           acc_type<scalar_t>* q, scalar_t* grad_x, acc_type<scalar_t>* grad_size) {
+// The dense counterpart of merge_backward_index_kernel (SPEC section 3 with M summed over instead of gathered).
+template <typename scalar_t>
+void merge_backward_dense_kernel(const scalar_t* grad_x_merged, const acc_type<scalar_t>* grad_size_merged,
+                                 const scalar_t* x, const acc_type<scalar_t>* size,
+                                 const DenseMatching<acc_type<scalar_t>>& matching, const Checkerboard& grid,
+                                 int64_t batch, int64_t channels, acc_type<scalar_t>* gz, acc_type<scalar_t>* q,
+                                 scalar_t* grad_x, acc_type<scalar_t>* grad_size) {
   using acc_t = acc_type<scalar_t>;
   const int64_t tokens = grid.num_tokens();
   const int64_t num_a = grid.num_a();
@@ -141,50 +269,39 @@ void merge_backward_kernel(const scalar_t* grad_x_merged, const acc_type<scalar_
   });
 }
 
-// In place: grad[b, i, j] = <x_A[i], gz_j> (from the GEMM) becomes dL/dS[b, i, j] (SPEC section 3, "STE"), with
-// dL/dM[i, j] = s_A[i] (grad + q_j) formed on the fly. Prefix columns get 0.
+// ------------------------------------------------------------------------------------------------- STE rows
+
+// In place over the B cells: grad[b, i, j'] = <x_A[i], gz_j> (from the GEMM) becomes dL/dS[b, i, j'] (SPEC section 3,
+// "STE"), with dL/dM[i, j] = s_A[i] (grad + q_j) formed on the fly. grad and scores are [B, NA, NB - P].
 template <typename acc_t>
 void ste_rows_in_place(acc_t* grad, const acc_t* scores, const acc_t* size, const acc_t* q, const Checkerboard& grid,
                        int64_t batch) {
   const int64_t tokens = grid.num_tokens();
   const int64_t num_a = grid.num_a();
   const int64_t num_b = grid.num_b();
-  const int64_t prefix = grid.prefix;
-  at::parallel_for(0, batch * num_a, grain_for(8 * num_b), [&](int64_t begin, int64_t end) {
+  const int64_t cells = num_b - grid.prefix;
+  at::parallel_for(0, batch * num_a, grain_for(8 * cells), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / num_a;
       const acc_t size_a = size[b * tokens + grid.a_token(row % num_a)];
-      const acc_t* s_row = scores + row * num_b;
-      const acc_t* q_row = q + b * num_b;
-      acc_t* g_row = grad + row * num_b;
+      const acc_t* s_row = scores + row * cells;
+      const acc_t* q_row = q + b * num_b + grid.prefix;
+      acc_t* g_row = grad + row * cells;
       Top2<acc_t> top;
-      for (int64_t j = prefix; j < num_b; ++j) top.push(s_row[j], j);
+      for (int64_t j = 0; j < cells; ++j) top.push(s_row[j], j);
       top.finish();
       const acc_t threshold = top.threshold();
       acc_t row_sum = 0;
-      for (int64_t j = 0; j < prefix; ++j) g_row[j] = acc_t(0);
-      for (int64_t j = prefix; j < num_b; ++j) {
+      for (int64_t j = 0; j < cells; ++j) {
         g_row[j] = sigmoid_grad(s_row[j], threshold) * matching_grad(size_a, g_row[j], q_row[j]);
         row_sum += g_row[j];
       }
-      for (int64_t j = prefix; j < num_b; ++j) g_row[j] = ste_score_grad(g_row[j], row_sum, j, top);
+      for (int64_t j = 0; j < cells; ++j) g_row[j] = ste_score_grad(g_row[j], row_sum, j, top);
     }
   });
 }
 
-// Calls run(matching_view) with an IndexMatching (int64 index) or a DenseMatching (float matching) in acc_t.
-template <typename acc_t, typename Run>
-void with_matching(const Tensor& matching, const Checkerboard& grid, Run run) {
-  if (matching.scalar_type() == at::kLong) {
-    const Tensor index = matching.contiguous();
-    const InverseIndex inverse = invert_index(index, grid.num_b());
-    run(IndexMatching<acc_t>{index.data_ptr<int64_t>(), inverse.offsets.data_ptr<int64_t>(),
-                             inverse.order.data_ptr<int64_t>(), grid.num_a(), grid.num_b()});
-  } else {
-    const Tensor weights = matching.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    run(DenseMatching<acc_t>{weights.data_ptr<acc_t>(), grid.num_a(), grid.num_b()});
-  }
-}
+// ------------------------------------------------------------------------------------------------ host side
 
 TensorPair merge_forward(const Tensor& x_in, const c10::optional<Tensor>& size, const Tensor& matching,
                          const Checkerboard& grid) {
@@ -194,28 +311,54 @@ TensorPair merge_forward(const Tensor& x_in, const c10::optional<Tensor>& size, 
   Tensor size_merged = at::empty({x.size(0), grid.num_b()}, sizes.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_forward", [&] {
     using acc_t = acc_type<scalar_t>;
-    with_matching<acc_t>(matching, grid, [&](const auto& view) {
-      merge_forward_kernel(x.data_ptr<scalar_t>(), sizes.data_ptr<acc_t>(), view, grid, x.size(0), x.size(2),
-                           x_merged.data_ptr<scalar_t>(), size_merged.data_ptr<acc_t>());
-    });
+    if (matching.scalar_type() == at::kLong) {
+      const Tensor index = matching.contiguous();
+      merge_forward_index_kernel(x.data_ptr<scalar_t>(), sizes.data_ptr<acc_t>(), index.data_ptr<int64_t>(), grid,
+                                 x.size(0), x.size(2), x_merged.data_ptr<scalar_t>(), size_merged.data_ptr<acc_t>());
+    } else {
+      const Tensor weights = matching.to(sizes.scalar_type()).contiguous();
+      merge_forward_dense_kernel(x.data_ptr<scalar_t>(), sizes.data_ptr<acc_t>(),
+                                 DenseMatching<acc_t>{weights.data_ptr<acc_t>(), grid.num_a(), grid.num_b()}, grid,
+                                 x.size(0), x.size(2), x_merged.data_ptr<scalar_t>(), size_merged.data_ptr<acc_t>());
+    }
   });
   return {x_merged, size_merged};
 }
 
+// The merge backward; with x_a defined ([B, NA, C], accumulation dtype) a one-hot matching also copies x_A there.
 MergeGrads merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x_in,
-                          const c10::optional<Tensor>& size, const Tensor& matching, const Checkerboard& grid) {
+                          const c10::optional<Tensor>& size, const Tensor& matching, const Checkerboard& grid,
+                          const Tensor& x_a = Tensor()) {
   MergeGrads grads = allocate_merge_grads(grad_x_merged, grad_size_merged, x_in, size, grid);
   const Tensor& x = grads.x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    with_matching<acc_t>(matching, grid, [&](const auto& view) {
-      merge_backward_kernel(grads.g.data_ptr<scalar_t>(), grads.h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
-                            grads.sizes.data_ptr<acc_t>(), view, grid, x.size(0), x.size(2),
-                            grads.gz.data_ptr<acc_t>(), grads.q.data_ptr<acc_t>(), grads.grad_x.data_ptr<scalar_t>(),
-                            grads.grad_size.data_ptr<acc_t>());
-    });
+    if (matching.scalar_type() == at::kLong) {
+      const Tensor index = matching.contiguous();
+      merge_backward_index_kernel(grads.g.data_ptr<scalar_t>(), grads.h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
+                                  grads.sizes.data_ptr<acc_t>(), index.data_ptr<int64_t>(), grid, x.size(0),
+                                  x.size(2), grads.gz.data_ptr<acc_t>(), grads.q.data_ptr<acc_t>(),
+                                  grads.grad_x.data_ptr<scalar_t>(), grads.grad_size.data_ptr<acc_t>(),
+                                  x_a.defined() ? x_a.data_ptr<acc_t>() : nullptr);
+    } else {
+      const Tensor weights = matching.to(grads.sizes.scalar_type()).contiguous();
+      merge_backward_dense_kernel(grads.g.data_ptr<scalar_t>(), grads.h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
+                                  grads.sizes.data_ptr<acc_t>(),
+                                  DenseMatching<acc_t>{weights.data_ptr<acc_t>(), grid.num_a(), grid.num_b()}, grid,
+                                  x.size(0), x.size(2), grads.gz.data_ptr<acc_t>(), grads.q.data_ptr<acc_t>(),
+                                  grads.grad_x.data_ptr<scalar_t>(), grads.grad_size.data_ptr<acc_t>());
+    }
   });
   return grads;
+}
+
+Checkerboard checked_merge_inputs(const Tensor& x, const Tensor& metric, const c10::optional<Tensor>& size,
+                                  int64_t height, int64_t width, int64_t num_prefix_tokens) {
+  const Checkerboard grid = checked_grid(x, height, width, num_prefix_tokens, "x");
+  checked_grid(metric, height, width, num_prefix_tokens, "metric");
+  TORCH_CHECK(metric.size(0) == x.size(0) && metric.device() == x.device(), "metric must match x in B and device");
+  check_size(size, x);
+  return grid;
 }
 
 }  // namespace
@@ -244,26 +387,28 @@ TensorTriple scatter_mean_merge_backward(const Tensor& grad_x_merged, const Tens
   return {grads.grad_x, grads.grad_size, grad_matching.to(matching.scalar_type())};
 }
 
-namespace {
-
-Checkerboard checked_merge_inputs(const Tensor& x, const Tensor& metric, const c10::optional<Tensor>& size,
-                                  int64_t height, int64_t width, int64_t num_prefix_tokens) {
-  const Checkerboard grid = checked_grid(x, height, width, num_prefix_tokens, "x");
-  checked_grid(metric, height, width, num_prefix_tokens, "metric");
-  TORCH_CHECK(metric.size(0) == x.size(0) && metric.device() == x.device(), "metric must match x in B and device");
-  check_size(size, x);
-  return grid;
-}
-
-}  // namespace
-
 TensorPair merge_tokens(const Tensor& x, const Tensor& metric, const c10::optional<Tensor>& size, int64_t height,
                         int64_t width, int64_t num_prefix_tokens) {
   const Checkerboard grid = checked_merge_inputs(x, metric, size, height, width, num_prefix_tokens);
-  const NormalizedMetric normalized = normalize_metric(metric, grid);
-  const Tensor index = at::empty({x.size(0), grid.num_a()}, x.options().dtype(at::kLong));
-  score_rows(normalized, grid, Tensor(), index);  // argmax only: no score matrix is kept
-  return merge_forward(x, size, index, grid);
+  const int64_t batch = x.size(0);
+  if (batch < 2 * at::get_num_threads() || metric.scalar_type() != x.scalar_type()) {
+    // Too few batches to keep every thread busy with whole batches: phase by phase, the merge sliced by channels.
+    const Tensor index = at::empty({batch, grid.num_a()}, x.options().dtype(at::kLong));
+    argmax_rows(cell_scores(normalize_metric(metric, grid), grid), grid, index);  // transient scores, nothing kept
+    return merge_forward(x, size, index, grid);
+  }
+  const Tensor xc = x.contiguous();
+  const Tensor mc = metric.contiguous();
+  const Tensor sizes = sizes_or_ones(size, xc);
+  Tensor x_merged = at::empty({batch, grid.num_b(), x.size(2)}, x.options());
+  Tensor size_merged = at::empty({batch, grid.num_b()}, sizes.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_tokens", [&] {
+    using acc_t = acc_type<scalar_t>;
+    merge_tokens_fused_kernel(xc.data_ptr<scalar_t>(), mc.data_ptr<scalar_t>(), sizes.data_ptr<acc_t>(), grid, batch,
+                              x.size(2), metric.size(2), x_merged.data_ptr<scalar_t>(),
+                              size_merged.data_ptr<acc_t>());
+  });
+  return {x_merged, size_merged};
 }
 
 TensorTriple merge_tokens_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x,
@@ -271,18 +416,23 @@ TensorTriple merge_tokens_backward(const Tensor& grad_x_merged, const Tensor& gr
                                    int64_t width, int64_t num_prefix_tokens, bool metric_grad) {
   const Checkerboard grid = checked_merge_inputs(x, metric, size, height, width, num_prefix_tokens);
   const NormalizedMetric normalized = normalize_metric(metric, grid);
-  const auto metric_acc = normalized.hat.scalar_type();
+  const Tensor scores = cell_scores(normalized, grid);  // the same scores and k(i) as the forward
   const Tensor index = at::empty({x.size(0), grid.num_a()}, x.options().dtype(at::kLong));
-  const Tensor scores = metric_grad ? at::empty({x.size(0), grid.num_a(), grid.num_b()}, normalized.hat.options())
-                                    : Tensor();
-  score_rows(normalized, grid, scores, index);  // the same scores and k(i) as the forward
-  const MergeGrads grads = merge_backward(grad_x_merged, grad_size_merged, x, size, index, grid);
+  argmax_rows(scores, grid, index);
+  const auto x_acc = accumulation_dtype(x.scalar_type());
+  const Tensor x_a = metric_grad ? at::empty({x.size(0), grid.num_a(), x.size(2)}, x.options().dtype(x_acc))
+                                 : Tensor();
+  const MergeGrads grads = merge_backward(grad_x_merged, grad_size_merged, x, size, index, grid, x_a);
   if (!metric_grad) return {grads.grad_x, at::empty({0}, metric.options()), grads.grad_size};
 
-  Tensor grad_scores = a_dot_gz(grads, grid).to(metric_acc).contiguous();
-  const Tensor sizes = grads.sizes.to(metric_acc).contiguous();
-  const Tensor q = grads.q.to(metric_acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(metric_acc, "ste_rows_in_place", [&] {
+  // dL/dS over the B cells, [B, NA, NB - P], in the metric's accumulation dtype (x's may differ).
+  const auto acc = normalized.norm.scalar_type();
+  const int64_t cells = grid.num_b() - grid.prefix;
+  const NoAutocast no_autocast;
+  Tensor grad_scores = at::bmm(x_a, grads.gz.narrow(1, grid.prefix, cells).transpose(1, 2)).to(acc);
+  const Tensor sizes = grads.sizes.to(acc);
+  const Tensor q = grads.q.to(acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "ste_rows_in_place", [&] {
     ste_rows_in_place(grad_scores.data_ptr<scalar_t>(), scores.data_ptr<scalar_t>(), sizes.data_ptr<scalar_t>(),
                       q.data_ptr<scalar_t>(), grid, x.size(0));
   });
