@@ -43,6 +43,17 @@ inline void check_matching(const at::Tensor& matching, const at::Tensor& x, cons
   }
 }
 
+// The inputs of merge_tokens and its backward: x and metric on the same grid, batch and device; size [B, N] or None.
+inline Checkerboard checked_merge_inputs(const at::Tensor& x, const at::Tensor& metric,
+                                         const c10::optional<at::Tensor>& size, int64_t height, int64_t width,
+                                         int64_t num_prefix_tokens) {
+  const Checkerboard grid = checked_grid(x, height, width, num_prefix_tokens, "x");
+  checked_grid(metric, height, width, num_prefix_tokens, "metric");
+  TORCH_CHECK(metric.size(0) == x.size(0) && metric.device() == x.device(), "metric must match x in B and device");
+  check_size(size, x);
+  return grid;
+}
+
 inline at::ScalarType accumulation_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -352,15 +352,6 @@ MergeGrads merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_m
   return grads;
 }
 
-Checkerboard checked_merge_inputs(const Tensor& x, const Tensor& metric, const c10::optional<Tensor>& size,
-                                  int64_t height, int64_t width, int64_t num_prefix_tokens) {
-  const Checkerboard grid = checked_grid(x, height, width, num_prefix_tokens, "x");
-  checked_grid(metric, height, width, num_prefix_tokens, "metric");
-  TORCH_CHECK(metric.size(0) == x.size(0) && metric.device() == x.device(), "metric must match x in B and device");
-  check_size(size, x);
-  return grid;
-}
-
 }  // namespace
 
 TensorPair scatter_mean_merge(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,
