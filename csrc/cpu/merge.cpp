@@ -96,8 +96,8 @@ void merge_forward_index_kernel(const scalar_t* x, const acc_type<scalar_t>* siz
 }
 
 // merge_tokens forward fused per batch (SPEC section 2, steps 4-6): normalise, score (one GEMM), argmax and merge
-// one batch at a time on one thread, so the metric's intermediates never leave the caches and the GEMM of one
-// batch overlaps the memory-bound merge of another. The same per-batch code as the unfused path, so the same k(i).
+// one batch at a time on one thread, so the metric's intermediates (normalised rows, scores, index) never leave the
+// caches and no parallel region waits between phases. The same per-batch code as the phased path: the same k(i).
 template <typename scalar_t>
 void merge_tokens_fused_kernel(const scalar_t* x, const scalar_t* metric, const acc_type<scalar_t>* size,
                                const Checkerboard& grid, int64_t batch, int64_t channels, int64_t dim,
