@@ -29,7 +29,13 @@ inline void check_size(const c10::optional<at::Tensor>& size, const at::Tensor& 
   }
 }
 
-inline void check_matching(const at::Tensor& matching, const at::Tensor& x, const Checkerboard& grid) {
+// The inputs of scatter_mean_merge and its backward: x on the grid, size [B, N] or None, matching an index [B, NA]
+// (int64) or a float [B, NA, NB] on the device of x. Returns the grid.
+inline Checkerboard checked_merge_matching(const at::Tensor& x, const c10::optional<at::Tensor>& size,
+                                           const at::Tensor& matching, int64_t height, int64_t width,
+                                           int64_t num_prefix_tokens) {
+  const Checkerboard grid = checked_grid(x, height, width, num_prefix_tokens, "x");
+  check_size(size, x);
   TORCH_CHECK(matching.device() == x.device(), "matching must be on the device of x");
   if (matching.scalar_type() == at::kLong) {
     TORCH_CHECK(matching.dim() == 2 && matching.size(0) == x.size(0) && matching.size(1) == grid.num_a(),
@@ -41,6 +47,7 @@ inline void check_matching(const at::Tensor& matching, const at::Tensor& x, cons
                 "matching must have shape [B, NA, NB] = [", x.size(0), ", ", grid.num_a(), ", ", grid.num_b(),
                 "], got ", matching.sizes());
   }
+  return grid;
 }
 
 // The inputs of merge_tokens and its backward: x and metric on the same grid, batch and device; size [B, N] or None.

@@ -72,4 +72,12 @@ inline at::Tensor a_dot_gz(const MergeGrads& grads, const Checkerboard& grid) {
   return at::bmm(a_tokens(grads.x, grid), grads.gz.transpose(1, 2));
 }
 
+// The matching's gradient of scatter_mean_merge: none for an index (an empty tensor), else
+// dL/dM[i, j] = s_A[i] (<x_A[i], gz_j> + q_j) (SPEC section 3) in the matching's dtype.
+inline at::Tensor matching_grad(const MergeGrads& grads, const Checkerboard& grid, const at::Tensor& matching) {
+  if (matching.scalar_type() == at::kLong) return at::empty({0}, matching.options());
+  const at::Tensor size_a = grads.sizes.index_select(1, a_token_index(grid, grads.x));
+  return size_a.unsqueeze(-1).mul(a_dot_gz(grads, grid).add(grads.q.unsqueeze(1))).to(matching.scalar_type());
+}
+
 }  // namespace fpet

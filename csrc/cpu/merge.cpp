@@ -356,26 +356,16 @@ MergeGrads merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_m
 
 TensorPair scatter_mean_merge(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,
                               int64_t height, int64_t width, int64_t num_prefix_tokens) {
-  const Checkerboard grid = checked_grid(x, height, width, num_prefix_tokens, "x");
-  check_size(size, x);
-  check_matching(matching, x, grid);
+  const Checkerboard grid = checked_merge_matching(x, size, matching, height, width, num_prefix_tokens);
   return merge_forward(x, size, matching, grid);
 }
 
 TensorTriple scatter_mean_merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged,
                                          const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,
                                          int64_t height, int64_t width, int64_t num_prefix_tokens) {
-  const Checkerboard grid = checked_grid(x, height, width, num_prefix_tokens, "x");
-  check_size(size, x);
-  check_matching(matching, x, grid);
+  const Checkerboard grid = checked_merge_matching(x, size, matching, height, width, num_prefix_tokens);
   const MergeGrads grads = merge_backward(grad_x_merged, grad_size_merged, x, size, matching, grid);
-  if (matching.scalar_type() == at::kLong) {  // an index carries no gradient
-    return {grads.grad_x, grads.grad_size, at::empty({0}, matching.options())};
-  }
-  // dL/dM[i, j] = s_A[i] (<x_A[i], gz_j> + q_j)
-  const Tensor size_a = grads.sizes.index_select(1, a_token_index(grid, x));
-  const Tensor grad_matching = size_a.unsqueeze(-1) * (a_dot_gz(grads, grid) + grads.q.unsqueeze(1));
-  return {grads.grad_x, grads.grad_size, grad_matching.to(matching.scalar_type())};
+  return {grads.grad_x, grads.grad_size, matching_grad(grads, grid, matching)};
 }
 
 TensorPair merge_tokens(const Tensor& x, const Tensor& metric, const c10::optional<Tensor>& size, int64_t height,
