@@ -198,8 +198,10 @@ def _register_autograd() -> None:
         return ops.ste_match_backward(_or_zeros(grad_matching, scores), scores)
 
     def merge_setup(ctx, inputs, output):
-        x, size, matching, *ctx.grid = inputs
-        ctx.save_for_backward(x, size, matching)
+        """scatter_mean_merge (x, size, matching, *grid) and merge_tokens (x, metric, size, *grid): the three tensors
+        are saved, the grid kept, and the outputs' (shape, dtype) for gradients autograd passes as None."""
+        ctx.save_for_backward(*inputs[:3])
+        ctx.grid = inputs[3:]
         ctx.output_meta = [(o.shape, o.dtype) for o in output]
 
     def merge_backward(ctx, grad_x_merged, grad_size_merged):
@@ -211,11 +213,6 @@ def _register_autograd() -> None:
         )
         grad_matching = None if matching.dtype == torch.int64 else grad_matching
         return grad_x, _size_grad(grad_size, size), grad_matching, None, None, None
-
-    def merge_tokens_setup(ctx, inputs, output):
-        x, metric, size, *ctx.grid = inputs
-        ctx.save_for_backward(x, metric, size)
-        ctx.output_meta = [(o.shape, o.dtype) for o in output]
 
     def merge_tokens_backward(ctx, grad_x_merged, grad_size_merged):
         x, metric, size = ctx.saved_tensors
@@ -232,7 +229,7 @@ def _register_autograd() -> None:
     register("fpet::checkerboard_similarity", similarity_backward, setup_context=similarity_setup)
     register("fpet::ste_match", ste_match_backward, setup_context=ste_match_setup)
     register("fpet::scatter_mean_merge", merge_backward, setup_context=merge_setup)
-    register("fpet::merge_tokens", merge_tokens_backward, setup_context=merge_tokens_setup)
+    register("fpet::merge_tokens", merge_tokens_backward, setup_context=merge_setup)
 
 
 if is_loaded():
