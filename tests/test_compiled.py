@@ -114,6 +114,20 @@ def assert_close(actual, expected, tol):
     torch.testing.assert_close(actual, expected, **tol)
 
 
+def assert_matches_reference(run, tensors, dtype):
+    """run(impl) -> a function of tensors; the compiled outputs and gradients match the reference's (outputs within
+    the forward tolerance, gradients within the gradient tolerance; no gradient where the reference has none)."""
+    got_grads, got = grads_of(run(compiled), leaves(*tensors))
+    want_grads, want = grads_of(run(ref), leaves(*tensors))
+    for a, b in zip(got, want):
+        assert_close(a.detach(), b.detach(), tolerance(FORWARD_TOL, dtype))
+    for a, b in zip(got_grads, want_grads):
+        if b is None:
+            assert a is None
+        else:
+            assert_close(a, b, tolerance(GRAD_TOL, dtype))
+
+
 # ---------------------------------------------------------------------------------------------- forward + backward
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -132,15 +146,7 @@ def test_merge_tokens(shape, dtype, device):
         def run(impl):
             return lambda x_, m_, s_: impl.merge_tokens(x_, m_, s_, **kwargs)
 
-        got_grads, got = grads_of(run(compiled), leaves(x, metric, size_arg))
-        want_grads, want = grads_of(run(ref), leaves(x, metric, size_arg))
-        for a, b in zip(got, want):
-            assert_close(a.detach(), b.detach(), tolerance(FORWARD_TOL, dtype))
-        for a, b in zip(got_grads, want_grads):
-            if b is None:
-                assert a is None
-            else:
-                assert_close(a, b, tolerance(GRAD_TOL, dtype))
+        assert_matches_reference(run, (x, metric, size_arg), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -195,15 +201,7 @@ def test_scatter_mean_merge(shape, dtype, matching_kind, device):
     def run(impl):
         return lambda x_, s_, m_: impl.scatter_mean_merge(x_, s_, m_, shape.grid, shape.prefix)
 
-    got_grads, got = grads_of(run(compiled), leaves(x, size, matching))
-    want_grads, want = grads_of(run(ref), leaves(x, size, matching))
-    for a, b in zip(got, want):
-        assert_close(a.detach(), b.detach(), tolerance(FORWARD_TOL, dtype))
-    for a, b in zip(got_grads, want_grads):
-        if b is None:
-            assert a is None
-        else:
-            assert_close(a, b, tolerance(GRAD_TOL, dtype))
+    assert_matches_reference(run, (x, size, matching), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
