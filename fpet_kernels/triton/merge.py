@@ -289,6 +289,20 @@ _BWD_CONFIGS = [  # the fused merge_tokens backward (float32: BLOCK_C=32 spills 
 ]
 
 
+@triton.jit
+def a_rows_of_program(pid_a, batch, NA, width, num_prefix, size_ptr, stride_sb, stride_sn,
+                      HAS_SIZE: tl.constexpr, BLOCK_A: tl.constexpr):
+    """The A rows of program ``pid_a`` in ``batch``: their indices, mask, token indices and sizes (1 without sizes)."""
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = offs_a < NA
+    tokens_a = a_token(offs_a, width, num_prefix)
+    if HAS_SIZE:
+        s_a = tl.load(size_ptr + batch * stride_sb + tokens_a * stride_sn, mask=a_mask, other=0.0).to(tl.float32)
+    else:
+        s_a = tl.full([BLOCK_A], 1.0, tl.float32)
+    return offs_a, a_mask, tokens_a, s_a
+
+
 @triton.autotune(configs=autotune_configs(_DENSE_BWD_CONFIGS), key=["NB", "C", "BLOCK_A", "DOT_FP32"])
 @triton.jit
 def _scatter_mean_merge_dense_bwd_kernel(
@@ -304,16 +318,11 @@ def _scatter_mean_merge_dense_bwd_kernel(
     ``E = X_A G^T / Z - q``, ``dL/dM = s_A E``, ``dL/ds_A = sum_j M E``, ``dL/dx_A = s_A M (G / Z)``."""
     pid_a = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
-    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    a_mask = offs_a < NA
-    tokens_a = a_token(offs_a, width, num_prefix)
+    offs_a, a_mask, tokens_a, s_a = a_rows_of_program(pid_a, batch, NA, width, num_prefix, size_ptr, stride_sb,
+                                                      stride_sn, HAS_SIZE, BLOCK_A)
     x_ptr += batch * stride_xb
     grad_merged_ptr += batch * stride_gb
     matching_ptr += batch * stride_mb
-    if HAS_SIZE:
-        s_a = tl.load(size_ptr + batch * stride_sb + tokens_a * stride_sn, mask=a_mask, other=0.0).to(tl.float32)
-    else:
-        s_a = tl.full([BLOCK_A], 1.0, tl.float32)
     grad_size = tl.zeros([BLOCK_A], tl.float32)
     for start_b in range(0, NB, BLOCK_B):
         offs_b = start_b + tl.arange(0, BLOCK_B)
@@ -369,16 +378,11 @@ def _merge_tokens_bwd_kernel(
     accumulate block by block, the top-2 terms follow once ``r`` is complete (a second, GEMM-free column loop)."""
     pid_a = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
-    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    a_mask = offs_a < NA
-    tokens_a = a_token(offs_a, width, num_prefix)
+    offs_a, a_mask, tokens_a, s_a = a_rows_of_program(pid_a, batch, NA, width, num_prefix, size_ptr, stride_sb,
+                                                      stride_sn, HAS_SIZE, BLOCK_A)
     x_ptr += batch * stride_xb
     grad_merged_ptr += batch * stride_gb
     metric_ptr += batch * stride_mb
-    if HAS_SIZE:
-        s_a = tl.load(size_ptr + batch * stride_sb + tokens_a * stride_sn, mask=a_mask, other=0.0).to(tl.float32)
-    else:
-        s_a = tl.full([BLOCK_A], 1.0, tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     threshold = tl.load(threshold_ptr + batch * NA + offs_a, mask=a_mask, other=0.0)
     grad_unit_a = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
