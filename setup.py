@@ -2,12 +2,16 @@
 
 Install torch first, then: ``pip install --no-build-isolation -e .``
 
-This builds the compiled extension ``fpet_kernels._C`` (the ``cpp`` and ``cuda`` backends, SPEC section 4): the CPU
-kernels always, the CUDA kernels too when a CUDA toolkit and a CUDA-enabled torch are found (no GPU needed).
+Supported versions: torch >= 2.6 (with timm >= 1.0.15) and, for the Triton backend (the ``triton`` extra),
+triton >= 3.3.
+
+This builds the compiled extension ``fpet_kernels._C`` (the ``cpp`` and ``cuda`` backends, docs/design.md §4): the
+CPU kernels always, the CUDA kernels too when a CUDA toolkit and a CUDA-enabled torch are found (no GPU needed).
 Environment switches:
   FPET_SKIP_CUDA_BUILD=1    build the CPU kernels only
   FPET_FORCE_CUDA_BUILD=1   build the CUDA kernels even where torch reports no CUDA (fails without a toolkit)
-  FPET_CUDA_ARCHS="80;90"   compute capabilities to build (default: 80;86;89;90, plus PTX of the last)
+  FPET_CUDA_ARCHS="80;90"   compute capabilities to build (default: fpet_kernels/cuda_archs.txt, the one arch list,
+                            also read by CMakeLists.txt and the GPU report; plus PTX of the last)
   MAX_JOBS=2                parallel compile jobs (ninja)
 """
 import os
@@ -18,7 +22,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
-DEFAULT_CUDA_ARCHS = "80;86;89;90"
+CUDA_ARCHS_FILE = ROOT / "fpet_kernels" / "cuda_archs.txt"  # shipped as package data
 
 
 def read_version() -> str:
@@ -63,8 +67,14 @@ def find_cuda_home():
     return default if (default / "bin" / "nvcc").is_file() else None
 
 
+def default_cuda_archs() -> str:
+    """The arch list of fpet_kernels/cuda_archs.txt ("80;86;89;90"), lines starting with # skipped."""
+    lines = [line.strip() for line in CUDA_ARCHS_FILE.read_text().splitlines()]
+    return ";".join(line for line in lines if line and not line.startswith("#"))
+
+
 def cuda_gencode_flags():
-    archs = [a.strip() for a in os.environ.get("FPET_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";") if a.strip()]
+    archs = [a.strip() for a in (os.environ.get("FPET_CUDA_ARCHS") or default_cuda_archs()).split(";") if a.strip()]
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
     return flags
@@ -113,14 +123,15 @@ ext_modules, cmdclass = extension_modules()
 setup(
     name="fpet_kernels",
     version=read_version(),
-    description="Faster parameter-efficient tuning of timm Vision Transformers: FPET token merging and SKIP pruning",
+    description="Faster parameter-efficient tuning of timm Vision Transformers: FPET token merging",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["fpet_kernels", "fpet_kernels.*"]),
-    install_requires=["torch>=2.4", "timm>=1.0.15"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "peft"]},
+    package_data={"fpet_kernels": ["cuda_archs.txt"]},
+    install_requires=["torch>=2.6", "timm>=1.0.15"],
+    extras_require={"triton": ["triton>=3.3"], "test": ["pytest", "pytest-benchmark", "peft"]},
     entry_points={"console_scripts": ["fpet=fpet_kernels.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -2,6 +2,8 @@
 // things with friendlier messages; these guard direct torch.ops.fpet calls.
 #pragma once
 
+#include <vector>
+
 #include <ATen/core/Tensor.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
@@ -29,24 +31,27 @@ inline void check_size(const c10::optional<at::Tensor>& size, const at::Tensor& 
   }
 }
 
-// The inputs of scatter_mean_merge and its backward: x on the grid, size [B, N] or None, matching an index [B, NA]
-// (int64) or a float [B, NA, NB] on the device of x. Returns the grid.
+// The kind of matching a merge op takes (fixed by the op, never read off a dtype): scatter_mean_merge's index k,
+// int64 [B, NA], or scatter_mean_merge_dense's matching M, float [B, NA, NB].
+enum class MatchingKind { kIndex, kDense };
+
+// The inputs of scatter_mean_merge / scatter_mean_merge_dense and their backwards: x on the grid, size [B, N] or
+// None, and the matching of the given kind on the device of x. Returns the grid.
 inline Checkerboard checked_merge_matching(const at::Tensor& x, const c10::optional<at::Tensor>& size,
                                            const at::Tensor& matching, int64_t height, int64_t width,
-                                           int64_t num_prefix_tokens) {
+                                           int64_t num_prefix_tokens, MatchingKind kind) {
   const Checkerboard grid = checked_grid(x, height, width, num_prefix_tokens, "x");
   check_size(size, x);
-  TORCH_CHECK(matching.device() == x.device(), "matching must be on the device of x");
-  if (matching.scalar_type() == at::kLong) {
-    TORCH_CHECK(matching.dim() == 2 && matching.size(0) == x.size(0) && matching.size(1) == grid.num_a(),
-                "matching index must have shape [B, NA] = [", x.size(0), ", ", grid.num_a(), "], got ",
-                matching.sizes());
-  } else {
-    TORCH_CHECK(matching.dim() == 3 && matching.size(0) == x.size(0) && matching.size(1) == grid.num_a() &&
-                    matching.size(2) == grid.num_b(),
-                "matching must have shape [B, NA, NB] = [", x.size(0), ", ", grid.num_a(), ", ", grid.num_b(),
-                "], got ", matching.sizes());
-  }
+  const bool dense = kind == MatchingKind::kDense;
+  const char* name = dense ? "matching" : "index";
+  TORCH_CHECK(dense ? c10::isFloatingType(matching.scalar_type()) : matching.scalar_type() == at::kLong, name,
+              " must be ", dense ? "a float tensor [B, NA, NB]" : "an int64 tensor [B, NA]", ", got ",
+              matching.scalar_type());
+  TORCH_CHECK(matching.device() == x.device(), name, " must be on the device of x");
+  const std::vector<int64_t> shape = dense ? std::vector<int64_t>{x.size(0), grid.num_a(), grid.num_b()}
+                                           : std::vector<int64_t>{x.size(0), grid.num_a()};
+  TORCH_CHECK(matching.sizes() == at::IntArrayRef(shape), name, " must have shape ", dense ? "[B, NA, NB]" : "[B, NA]",
+              " = ", at::IntArrayRef(shape), ", got ", matching.sizes());
   return grid;
 }
 

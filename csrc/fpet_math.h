@@ -1,6 +1,6 @@
 // Host/device math shared by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
-// Section numbers refer to SPEC.md. Everything here is header-only, has no ATen dependency and compiles with
-// both the host compiler and nvcc (FPET_HOST_DEVICE is empty on the host compiler).
+// Section numbers (§N) refer to docs/design.md. Everything here is header-only, has no ATen dependency and compiles
+// with both the host compiler and nvcc (FPET_HOST_DEVICE is empty on the host compiler).
 #pragma once
 
 #include <cmath>
@@ -20,10 +20,10 @@ using std::isinf;
 using std::sqrt;
 #endif
 
-// Lower clamp of the L2 norm in the cosine normalisation (SPEC section 2, step 4).
+// Lower clamp of the L2 norm in the cosine normalisation (docs/design.md §2 step 4).
 constexpr double kNormEps = 1e-12;
 
-// Checkerboard partition of an H x W grid behind P prefix tokens (SPEC section 2, step 3).
+// Checkerboard partition of an H x W grid behind P prefix tokens (docs/design.md §2 step 3).
 // Cell q = r * W + c is an A cell when r + c is even. In both parities of W, the rank of a cell among the cells of
 // its own set, in row-major order, is floor(q / 2); the maps below invert that rank.
 struct Checkerboard {
@@ -57,14 +57,14 @@ FPET_HOST_DEVICE acc_t clamped_norm(acc_t norm) {
   return norm > acc_t(kNormEps) ? norm : acc_t(kNormEps);
 }
 
-// Backward of m^ = m / max(||m||, eps) for one token (SPEC section 3, "Cosine"): given <m^, dm^> and ||m||,
+// Backward of m^ = m / max(||m||, eps) for one token (docs/design.md §3 "Cosine"): given <m^, dm^> and ||m||,
 // dm = (dm^ - m^ <m^, dm^>) / ||m|| while the clamp is inactive, dm = dm^ / eps when it is.
 template <typename acc_t>
 FPET_HOST_DEVICE acc_t normalize_backward(acc_t grad_hat, acc_t m_hat, acc_t hat_dot_grad, acc_t norm) {
   return norm >= acc_t(kNormEps) ? (grad_hat - m_hat * hat_dot_grad) / norm : grad_hat / acc_t(kNormEps);
 }
 
-// Running top-2 of a score row with the tie rule of SPEC section 2, step 5: among equal values the lowest column
+// Running top-2 of a score row with the tie rule of docs/design.md §2 step 5: among equal values the lowest column
 // wins. index1 is the argmax k(i); index2 the runner-up. Pushes may come in any order (so that partial results of
 // different threads can be merged), which is why ties compare the column index explicitly.
 template <typename acc_t>
@@ -93,8 +93,8 @@ struct Top2 {
     push(other.value1, other.index1);
     push(other.value2, other.index2);
   }
-  // A row with a single finite column (one B patch, the rest -inf prefix columns): top2 = top1 (SPEC section 2,
-  // step 5), so that column receives both halves of the threshold gradient (SPEC section 3).
+  // A row with a single finite column (one B patch, the rest -inf prefix columns): top2 = top1 (docs/design.md §2
+  // step 5), so that column receives both halves of the threshold gradient (docs/design.md §3).
   FPET_HOST_DEVICE void finish() {
     if (index2 < 0 || isinf(value2)) {
       value2 = value1;
@@ -110,14 +110,14 @@ FPET_HOST_DEVICE acc_t sigmoid(acc_t z) {
   return acc_t(1) / (acc_t(1) + exp(-z));
 }
 
-// sigma'(z) = Soft (1 - Soft), with Soft = sigmoid(S - t) (SPEC section 3, "STE").
+// sigma'(z) = Soft (1 - Soft), with Soft = sigmoid(S - t) (docs/design.md §3 "STE").
 template <typename acc_t>
 FPET_HOST_DEVICE acc_t sigmoid_grad(acc_t score, acc_t threshold) {
   const acc_t soft = sigmoid(score - threshold);
   return soft * (acc_t(1) - soft);
 }
 
-// dL/dS[i, j] = sigma'(z_ij) dL/dM[i, j] - [j in top2(i)] * 1/2 * sum_l sigma'(z_il) dL/dM[i, l] (SPEC section 3).
+// dL/dS[i, j] = sigma'(z_ij) dL/dM[i, j] - [j in top2(i)] * 1/2 * sum_l sigma'(z_il) dL/dM[i, l] (docs/design.md §3).
 // weighted = sigma'(z_ij) dL/dM[i, j], row_sum = sum_l sigma'(z_il) dL/dM[i, l].
 template <typename acc_t>
 FPET_HOST_DEVICE acc_t ste_score_grad(acc_t weighted, acc_t row_sum, int64_t j, const Top2<acc_t>& top) {
@@ -127,13 +127,14 @@ FPET_HOST_DEVICE acc_t ste_score_grad(acc_t weighted, acc_t row_sum, int64_t j, 
   return g;
 }
 
-// dL/dM[i, j] = s_A[i] * ( <x_A[i], g_j / Z_j> + q_j ) with q_j = h_j - <x'_j, g_j / Z_j> (SPEC section 3).
+// dL/dM[i, j] = s_A[i] * ( <x_A[i], g_j / Z_j> + q_j ) with q_j = h_j - <x'_j, g_j / Z_j> (docs/design.md §3).
 template <typename acc_t>
 FPET_HOST_DEVICE acc_t matching_grad(acc_t size_a, acc_t xa_dot_gz, acc_t q) {
   return size_a * (xa_dot_gz + q);
 }
 
-// The two kinds of matching of scatter_mean_merge (SPEC section 4), seen per batch b as lists of (row, weight):
+// The two kinds of matching, scatter_mean_merge's index and scatter_mean_merge_dense's M (docs/design.md §4), seen
+// per batch b as lists of (row, weight):
 // for_each_a_of_b(b, j, f) calls f(i, M[i, j]) for the A rows merged into B row j, in ascending i;
 // for_each_b_of_a(b, i, f) calls f(j, M[i, j]) for the B rows A row i is merged into.
 //

@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "fpet_math.h"
+#include "ops.h"
 
 namespace fpet {
 
@@ -38,7 +39,7 @@ inline at::Tensor a_tokens(const at::Tensor& x, const Checkerboard& grid) {
   return at::index_select(x, 1, a_token_index(grid, x)).to(acc);
 }
 
-// Inputs and outputs of the merge backward (SPEC section 3), shared by the CPU and CUDA kernels.
+// Inputs and outputs of the merge backward (docs/design.md §3), shared by the CPU and CUDA kernels.
 struct MergeGrads {
   at::Tensor x;          // contiguous input tokens
   at::Tensor sizes;      // [B, N] token sizes in the accumulation dtype
@@ -72,12 +73,91 @@ inline at::Tensor a_dot_gz(const MergeGrads& grads, const Checkerboard& grid) {
   return at::bmm(a_tokens(grads.x, grid), grads.gz.transpose(1, 2));
 }
 
-// The matching's gradient of scatter_mean_merge: none for an index (an empty tensor), else
-// dL/dM[i, j] = s_A[i] (<x_A[i], gz_j> + q_j) (SPEC section 3) in the matching's dtype.
+// scatter_mean_merge_dense's matching M [B, NA, NB] as the kernels of both devices take it: view<acc_t>(M, grid, run)
+// calls run(DenseMatching<acc_t>) over M in the accumulation dtype, contiguous. (Each device's IndexInput does the
+// same for scatter_mean_merge's index k.)
+struct DenseInput {
+  template <typename acc_t, typename Run>
+  static void view(const at::Tensor& matching, const Checkerboard& grid, Run run) {
+    const at::Tensor weights = matching.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    run(DenseMatching<acc_t>{weights.data_ptr<acc_t>(), grid.num_a(), grid.num_b()});
+  }
+};
+
+// The matching's gradient of scatter_mean_merge_dense: dL/dM[i, j] = s_A[i] (<x_A[i], gz_j> + q_j)
+// (docs/design.md §3) in the matching's dtype.
 inline at::Tensor matching_grad(const MergeGrads& grads, const Checkerboard& grid, const at::Tensor& matching) {
-  if (matching.scalar_type() == at::kLong) return at::empty({0}, matching.options());
   const at::Tensor size_a = grads.sizes.index_select(1, a_token_index(grid, grads.x));
   return size_a.unsqueeze(-1).mul(a_dot_gz(grads, grid).add(grads.q.unsqueeze(1))).to(matching.scalar_type());
 }
+
+// The entry points of scatter_mean_merge, scatter_mean_merge_dense and their backwards (registered in register.cpp),
+// written once for both devices over Merge, a device's merge: Merge::IndexInput, its view of an index (DenseInput
+// above serves both devices), and the templates Merge::forward<Input>(x, size, matching, grid) -> (x', size') and
+// Merge::backward<Input>(grad_x_merged, grad_size_merged, x, size, matching, grid) -> MergeGrads, which run on the
+// device of x. Each op takes one kind of matching; none looks at a dtype to choose.
+template <typename Merge>
+struct ScatterMeanMergeOps {
+  using IndexInput = typename Merge::IndexInput;
+
+  static TensorPair index(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& index, int64_t height,
+                          int64_t width, int64_t num_prefix_tokens) {
+    return Merge::template forward<IndexInput>(
+        x, size, index, checked_merge_matching(x, size, index, height, width, num_prefix_tokens, MatchingKind::kIndex));
+  }
+
+  // -> (dL/dx, dL/dsize)
+  static TensorPair index_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x,
+                                   const c10::optional<Tensor>& size, const Tensor& index, int64_t height,
+                                   int64_t width, int64_t num_prefix_tokens) {
+    const MergeGrads grads = Merge::template backward<IndexInput>(
+        grad_x_merged, grad_size_merged, x, size, index,
+        checked_merge_matching(x, size, index, height, width, num_prefix_tokens, MatchingKind::kIndex));
+    return {grads.grad_x, grads.grad_size};
+  }
+
+  static TensorPair dense(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching, int64_t height,
+                          int64_t width, int64_t num_prefix_tokens) {
+    return Merge::template forward<DenseInput>(
+        x, size, matching,
+        checked_merge_matching(x, size, matching, height, width, num_prefix_tokens, MatchingKind::kDense));
+  }
+
+  // -> (dL/dx, dL/dsize, dL/dM)
+  static TensorTriple dense_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x,
+                                     const c10::optional<Tensor>& size, const Tensor& matching, int64_t height,
+                                     int64_t width, int64_t num_prefix_tokens) {
+    const Checkerboard grid =
+        checked_merge_matching(x, size, matching, height, width, num_prefix_tokens, MatchingKind::kDense);
+    const MergeGrads grads =
+        Merge::template backward<DenseInput>(grad_x_merged, grad_size_merged, x, size, matching, grid);
+    return {grads.grad_x, grads.grad_size, matching_grad(grads, grid, matching)};
+  }
+};
+
+// Defines a device's four scatter_mean_merge entry points (declared in ops.h, registered in register.cpp) as those of
+// ScatterMeanMergeOps<Merge>, in the device's namespace: one definition for both devices.
+#define FPET_DEFINE_SCATTER_MEAN_MERGE_OPS(Merge)                                                                   \
+  TensorPair scatter_mean_merge(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& index,            \
+                                int64_t height, int64_t width, int64_t num_prefix_tokens) {                         \
+    return ScatterMeanMergeOps<Merge>::index(x, size, index, height, width, num_prefix_tokens);                     \
+  }                                                                                                                 \
+  TensorPair scatter_mean_merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged,               \
+                                         const Tensor& x, const c10::optional<Tensor>& size, const Tensor& index,   \
+                                         int64_t height, int64_t width, int64_t num_prefix_tokens) {                \
+    return ScatterMeanMergeOps<Merge>::index_backward(grad_x_merged, grad_size_merged, x, size, index, height,      \
+                                                      width, num_prefix_tokens);                                    \
+  }                                                                                                                 \
+  TensorPair scatter_mean_merge_dense(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,   \
+                                      int64_t height, int64_t width, int64_t num_prefix_tokens) {                   \
+    return ScatterMeanMergeOps<Merge>::dense(x, size, matching, height, width, num_prefix_tokens);                  \
+  }                                                                                                                 \
+  TensorTriple scatter_mean_merge_dense_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged,       \
+                                                 const Tensor& x, const c10::optional<Tensor>& size,                \
+                                                 const Tensor& matching, int64_t height, int64_t width,             \
+                                                 int64_t num_prefix_tokens) {                                       \
+    return ScatterMeanMergeOps<Merge>::dense_backward(grad_x_merged, grad_size_merged, x, size, matching, height,   \
+                                                      width, num_prefix_tokens);                                    \
+  }
 
 }  // namespace fpet

@@ -1,4 +1,4 @@
-// Entry points of the fpet ops (SPEC section 4), one definition per device; registered in register.cpp.
+// Entry points of the fpet ops (docs/design.md §4), one definition per device; registered in register.cpp.
 // Shapes and dtypes are those of fpet_kernels/reference.py. Backward ops return the gradients of their op's inputs.
 #pragma once
 
@@ -13,10 +13,11 @@ using at::Tensor;
 using TensorPair = std::tuple<Tensor, Tensor>;
 using TensorTriple = std::tuple<Tensor, Tensor, Tensor>;
 
-// Device-agnostic (ATen GEMMs): refine_keys.cpp
-Tensor refine_keys(const Tensor& metric, const Tensor& w_down, const Tensor& w_up, double scale);
-TensorTriple refine_keys_backward(const Tensor& grad, const Tensor& metric, const Tensor& w_down,
-                                  const Tensor& w_up, double scale);
+// Device-agnostic (ATen GEMMs): refine_keys.cpp. keep: the dropout keep mask (bool, the hidden shape) or None.
+Tensor refine_keys(const Tensor& metric, const Tensor& w_down, const Tensor& w_up, const c10::optional<Tensor>& keep,
+                   double scale, double dropout_p);
+TensorTriple refine_keys_backward(const Tensor& grad, const Tensor& metric, const Tensor& w_down, const Tensor& w_up,
+                                  const c10::optional<Tensor>& keep, double scale, double dropout_p);
 
 #define FPET_DECLARE_DEVICE_OPS(device)                                                                            \
   namespace device {                                                                                               \
@@ -25,12 +26,17 @@ TensorTriple refine_keys_backward(const Tensor& grad, const Tensor& metric, cons
                                           int64_t width, int64_t num_prefix_tokens);                               \
   TensorPair ste_match(const Tensor& scores);                                                                      \
   Tensor ste_match_backward(const Tensor& grad_matching, const Tensor& scores);                                    \
-  TensorPair scatter_mean_merge(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,        \
+  TensorPair scatter_mean_merge(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& index,           \
                                 int64_t height, int64_t width, int64_t num_prefix_tokens);                         \
-  TensorTriple scatter_mean_merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged,            \
-                                           const Tensor& x, const c10::optional<Tensor>& size,                     \
-                                           const Tensor& matching, int64_t height, int64_t width,                  \
-                                           int64_t num_prefix_tokens);                                             \
+  TensorPair scatter_mean_merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged,              \
+                                         const Tensor& x, const c10::optional<Tensor>& size, const Tensor& index,  \
+                                         int64_t height, int64_t width, int64_t num_prefix_tokens);                \
+  TensorPair scatter_mean_merge_dense(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,  \
+                                      int64_t height, int64_t width, int64_t num_prefix_tokens);                   \
+  TensorTriple scatter_mean_merge_dense_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged,      \
+                                                 const Tensor& x, const c10::optional<Tensor>& size,               \
+                                                 const Tensor& matching, int64_t height, int64_t width,            \
+                                                 int64_t num_prefix_tokens);                                       \
   TensorPair merge_tokens(const Tensor& x, const Tensor& metric, const c10::optional<Tensor>& size, int64_t height, \
                           int64_t width, int64_t num_prefix_tokens);                                               \
   TensorTriple merge_tokens_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x,  \

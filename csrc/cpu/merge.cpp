@@ -1,12 +1,14 @@
-// scatter_mean_merge and the fused merge_tokens on the CPU (SPEC section 2 steps 3-6, section 3).
+// scatter_mean_merge, scatter_mean_merge_dense and the fused merge_tokens on the CPU (docs/design.md §2 steps 3-6,
+// §3).
 //
 // One-hot matching (an index k): the forward reads x once, in memory order, per (batch, channel slice), adding
 // s_t x[t] into the B row that token t is merged into (itself for a B token, k(i) for A cell i), then divides each
 // row by Z_j. Each output element is summed in that fixed order by one thread, never with atomics, so results do
-// not depend on the thread count or on how channels are sliced. The backward applies the closed forms of SPEC
-// section 3 per batch; dL/dM is formed from one GEMM X_A (G/Z)^T and, in merge_tokens, turned into dL/dS in the same
-// buffer (dL/dM is never stored on its own). Float matchings (scatter_mean_merge with a dense M) walk the non-zero
-// entries of M instead.
+// not depend on the thread count or on how channels are sliced. The backward applies the closed forms of
+// docs/design.md §3 per batch; dL/dM is formed from one GEMM X_A (G/Z)^T and, in merge_tokens, turned into dL/dS in
+// the same buffer (dL/dM is never stored on its own). Dense matchings (scatter_mean_merge_dense) walk the non-zero
+// entries of M instead. The two kinds of kernel are overloads on the matching (an index pointer or a DenseMatching),
+// so the host code below is written once for both.
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -44,7 +46,7 @@ inline int64_t merge_target(const Checkerboard& grid, const int64_t* index, int6
 }
 
 // acc[j, :] = sum over the tokens t merged into B row j (itself and the A cells with k(i) = j), in token order, of
-// s_t x[t, c0:c0+width]; z[j] = Z_j, the sum of their sizes (SPEC section 2, step 6). One pass over x in memory
+// s_t x[t, c0:c0+width]; z[j] = Z_j, the sum of their sizes (docs/design.md §2 step 6). One pass over x in memory
 // order, for one batch: x, size and index point at that batch.
 template <typename scalar_t>
 void accumulate_merge(const scalar_t* x, const acc_type<scalar_t>* size, const int64_t* index,
@@ -67,9 +69,9 @@ void accumulate_merge(const scalar_t* x, const acc_type<scalar_t>* size, const i
 }
 
 template <typename scalar_t>
-void merge_forward_index_kernel(const scalar_t* x, const acc_type<scalar_t>* size, const int64_t* index,
-                                const Checkerboard& grid, int64_t batch, int64_t channels, scalar_t* x_merged,
-                                acc_type<scalar_t>* size_merged) {
+void merge_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* size, const int64_t* index,
+                          const Checkerboard& grid, int64_t batch, int64_t channels, scalar_t* x_merged,
+                          acc_type<scalar_t>* size_merged) {
   using acc_t = acc_type<scalar_t>;
   const int64_t tokens = grid.num_tokens();
   const int64_t num_a = grid.num_a();
@@ -95,7 +97,7 @@ void merge_forward_index_kernel(const scalar_t* x, const acc_type<scalar_t>* siz
   });
 }
 
-// merge_tokens forward fused per batch (SPEC section 2, steps 4-6): normalise, score (one GEMM), argmax and merge
+// merge_tokens forward fused per batch (docs/design.md §2 steps 4-6): normalise, score (one GEMM), argmax and merge
 // one batch at a time on one thread, so the metric's intermediates (normalised rows, scores, index) never leave the
 // caches and no parallel region waits between phases. The same per-batch code as the phased path: the same k(i).
 template <typename scalar_t>
@@ -129,15 +131,15 @@ void merge_tokens_fused_kernel(const scalar_t* x, const scalar_t* metric, const 
   });
 }
 
-// Gradients of x and size for a one-hot matching (SPEC section 3), plus what dL/dM needs: gz = g / Z [B, NB, C],
+// Gradients of x and size for a one-hot matching (docs/design.md §3), plus what dL/dM needs: gz = g / Z [B, NB, C],
 // q_j = h_j - <x'_j, gz_j> [B, NB], so that dL/dM[i, j] = s_A[i] (<x_A[i], gz_j> + q_j); and, if x_a is given, x_A
 // as a contiguous [B, NA, C] matrix in the accumulation dtype (the GEMM's left operand), copied on the way.
 template <typename scalar_t>
-void merge_backward_index_kernel(const scalar_t* grad_x_merged, const acc_type<scalar_t>* grad_size_merged,
-                                 const scalar_t* x, const acc_type<scalar_t>* size, const int64_t* index,
-                                 const Checkerboard& grid, int64_t batch, int64_t channels, acc_type<scalar_t>* gz,
-                                 acc_type<scalar_t>* q, scalar_t* grad_x, acc_type<scalar_t>* grad_size,
-                                 acc_type<scalar_t>* x_a) {
+void merge_backward_kernel(const scalar_t* grad_x_merged, const acc_type<scalar_t>* grad_size_merged,
+                           const scalar_t* x, const acc_type<scalar_t>* size, const int64_t* index,
+                           const Checkerboard& grid, int64_t batch, int64_t channels, acc_type<scalar_t>* gz,
+                           acc_type<scalar_t>* q, scalar_t* grad_x, acc_type<scalar_t>* grad_size,
+                           acc_type<scalar_t>* x_a) {
   using acc_t = acc_type<scalar_t>;
   const int64_t tokens = grid.num_tokens();
   const int64_t num_a = grid.num_a();
@@ -177,10 +179,10 @@ void merge_backward_index_kernel(const scalar_t* grad_x_merged, const acc_type<s
   });
 }
 
-// ---------------------------------------------------------------------------------- float matching (dense M)
+// ---------------------------------------------------------------------------------- dense matching (float M)
 
-// total = s_B[j] x_B[j] + sum_i M[i, j] s_A[i] x_A[i], returns Z_j = s_B[j] + sum_i M[i, j] s_A[i] (SPEC section 2,
-// step 6). x and size point at batch b; total has C entries.
+// total = s_B[j] x_B[j] + sum_i M[i, j] s_A[i] x_A[i], returns Z_j = s_B[j] + sum_i M[i, j] s_A[i]
+// (docs/design.md §2 step 6). x and size point at batch b; total has C entries.
 template <typename scalar_t>
 acc_type<scalar_t> merge_row(const scalar_t* x, const acc_type<scalar_t>* size,
                              const DenseMatching<acc_type<scalar_t>>& matching, const Checkerboard& grid, int64_t b,
@@ -199,9 +201,9 @@ acc_type<scalar_t> merge_row(const scalar_t* x, const acc_type<scalar_t>* size,
 }
 
 template <typename scalar_t>
-void merge_forward_dense_kernel(const scalar_t* x, const acc_type<scalar_t>* size,
-                                const DenseMatching<acc_type<scalar_t>>& matching, const Checkerboard& grid,
-                                int64_t batch, int64_t channels, scalar_t* x_merged, acc_type<scalar_t>* size_merged) {
+void merge_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* size,
+                          const DenseMatching<acc_type<scalar_t>>& matching, const Checkerboard& grid, int64_t batch,
+                          int64_t channels, scalar_t* x_merged, acc_type<scalar_t>* size_merged) {
   using acc_t = acc_type<scalar_t>;
   const int64_t tokens = grid.num_tokens();
   const int64_t num_b = grid.num_b();
@@ -218,13 +220,14 @@ void merge_forward_dense_kernel(const scalar_t* x, const acc_type<scalar_t>* siz
   });
 }
 
-// The dense counterpart of merge_backward_index_kernel (SPEC section 3 with M summed over instead of gathered).
+// The dense counterpart of the index merge_backward_kernel (docs/design.md §3 with M summed over instead of
+// gathered), x_a likewise.
 template <typename scalar_t>
-void merge_backward_dense_kernel(const scalar_t* grad_x_merged, const acc_type<scalar_t>* grad_size_merged,
-                                 const scalar_t* x, const acc_type<scalar_t>* size,
-                                 const DenseMatching<acc_type<scalar_t>>& matching, const Checkerboard& grid,
-                                 int64_t batch, int64_t channels, acc_type<scalar_t>* gz, acc_type<scalar_t>* q,
-                                 scalar_t* grad_x, acc_type<scalar_t>* grad_size) {
+void merge_backward_kernel(const scalar_t* grad_x_merged, const acc_type<scalar_t>* grad_size_merged,
+                           const scalar_t* x, const acc_type<scalar_t>* size,
+                           const DenseMatching<acc_type<scalar_t>>& matching, const Checkerboard& grid, int64_t batch,
+                           int64_t channels, acc_type<scalar_t>* gz, acc_type<scalar_t>* q, scalar_t* grad_x,
+                           acc_type<scalar_t>* grad_size, acc_type<scalar_t>* x_a) {
   using acc_t = acc_type<scalar_t>;
   const int64_t tokens = grid.num_tokens();
   const int64_t num_a = grid.num_a();
@@ -265,14 +268,16 @@ void merge_backward_dense_kernel(const scalar_t* grad_x_merged, const acc_type<s
       });
       store_scaled(grad_x + (b * tokens + token) * channels, grad_row.data(), size[b * tokens + token], channels);
       grad_size[b * tokens + token] = grad_s;
+      if (x_a) scale_into(x_a + row * channels, acc_t(1), xa, channels);
     }
   });
 }
 
 // ------------------------------------------------------------------------------------------------- STE rows
 
-// In place over the B cells: grad[b, i, j'] = <x_A[i], gz_j> (from the GEMM) becomes dL/dS[b, i, j'] (SPEC section 3,
-// "STE"), with dL/dM[i, j] = s_A[i] (grad + q_j) formed on the fly. grad and scores are [B, NA, NB - P].
+// In place over the B cells: grad[b, i, j'] = <x_A[i], gz_j> (from the GEMM) becomes dL/dS[b, i, j']
+// (docs/design.md §3 "STE"), with dL/dM[i, j] = s_A[i] (grad + q_j) formed on the fly. grad and scores are
+// [B, NA, NB - P].
 template <typename acc_t>
 void ste_rows_in_place(acc_t* grad, const acc_t* scores, const acc_t* size, const acc_t* q, const Checkerboard& grid,
                        int64_t batch) {
@@ -303,70 +308,60 @@ void ste_rows_in_place(acc_t* grad, const acc_t* scores, const acc_t* size, cons
 
 // ------------------------------------------------------------------------------------------------ host side
 
-TensorPair merge_forward(const Tensor& x_in, const c10::optional<Tensor>& size, const Tensor& matching,
-                         const Checkerboard& grid) {
-  const Tensor x = x_in.contiguous();
-  const Tensor sizes = sizes_or_ones(size, x);
-  Tensor x_merged = at::empty({x.size(0), grid.num_b(), x.size(2)}, x.options());
-  Tensor size_merged = at::empty({x.size(0), grid.num_b()}, sizes.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_forward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    if (matching.scalar_type() == at::kLong) {
-      const Tensor index = matching.contiguous();
-      merge_forward_index_kernel(x.data_ptr<scalar_t>(), sizes.data_ptr<acc_t>(), index.data_ptr<int64_t>(), grid,
-                                 x.size(0), x.size(2), x_merged.data_ptr<scalar_t>(), size_merged.data_ptr<acc_t>());
-    } else {
-      const Tensor weights = matching.to(sizes.scalar_type()).contiguous();
-      merge_forward_dense_kernel(x.data_ptr<scalar_t>(), sizes.data_ptr<acc_t>(),
-                                 DenseMatching<acc_t>{weights.data_ptr<acc_t>(), grid.num_a(), grid.num_b()}, grid,
-                                 x.size(0), x.size(2), x_merged.data_ptr<scalar_t>(), size_merged.data_ptr<acc_t>());
+// The CPU merge, as ScatterMeanMergeOps (merge_host.h) and merge_tokens use it.
+struct Merge {
+  // scatter_mean_merge's index k [B, NA] as the CPU kernels take it: view<acc_t>(k, grid, run) calls run(pointer to k,
+  // contiguous). The counterpart of DenseInput (merge_host.h).
+  struct IndexInput {
+    template <typename acc_t, typename Run>
+    static void view(const Tensor& index, const Checkerboard&, Run run) {
+      const Tensor k = index.contiguous();
+      run(static_cast<const int64_t*>(k.data_ptr<int64_t>()));
     }
-  });
-  return {x_merged, size_merged};
-}
+  };
 
-// The merge backward; with x_a defined ([B, NA, C], accumulation dtype) a one-hot matching also copies x_A there.
-MergeGrads merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x_in,
-                          const c10::optional<Tensor>& size, const Tensor& matching, const Checkerboard& grid,
-                          const Tensor& x_a = Tensor()) {
-  MergeGrads grads = allocate_merge_grads(grad_x_merged, grad_size_merged, x_in, size, grid);
-  const Tensor& x = grads.x;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    if (matching.scalar_type() == at::kLong) {
-      const Tensor index = matching.contiguous();
-      merge_backward_index_kernel(grads.g.data_ptr<scalar_t>(), grads.h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
-                                  grads.sizes.data_ptr<acc_t>(), index.data_ptr<int64_t>(), grid, x.size(0),
-                                  x.size(2), grads.gz.data_ptr<acc_t>(), grads.q.data_ptr<acc_t>(),
-                                  grads.grad_x.data_ptr<scalar_t>(), grads.grad_size.data_ptr<acc_t>(),
-                                  x_a.defined() ? x_a.data_ptr<acc_t>() : nullptr);
-    } else {
-      const Tensor weights = matching.to(grads.sizes.scalar_type()).contiguous();
-      merge_backward_dense_kernel(grads.g.data_ptr<scalar_t>(), grads.h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
-                                  grads.sizes.data_ptr<acc_t>(),
-                                  DenseMatching<acc_t>{weights.data_ptr<acc_t>(), grid.num_a(), grid.num_b()}, grid,
-                                  x.size(0), x.size(2), grads.gz.data_ptr<acc_t>(), grads.q.data_ptr<acc_t>(),
-                                  grads.grad_x.data_ptr<scalar_t>(), grads.grad_size.data_ptr<acc_t>());
-    }
-  });
-  return grads;
-}
+  // The merge forward for a matching of kind Input (IndexInput or DenseInput).
+  template <typename Input>
+  static TensorPair forward(const Tensor& x_in, const c10::optional<Tensor>& size, const Tensor& matching,
+                            const Checkerboard& grid) {
+    const Tensor x = x_in.contiguous();
+    const Tensor sizes = sizes_or_ones(size, x);
+    Tensor x_merged = at::empty({x.size(0), grid.num_b(), x.size(2)}, x.options());
+    Tensor size_merged = at::empty({x.size(0), grid.num_b()}, sizes.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_forward", [&] {
+      using acc_t = acc_type<scalar_t>;
+      Input::template view<acc_t>(matching, grid, [&](const auto& view) {
+        merge_forward_kernel(x.data_ptr<scalar_t>(), sizes.data_ptr<acc_t>(), view, grid, x.size(0), x.size(2),
+                             x_merged.data_ptr<scalar_t>(), size_merged.data_ptr<acc_t>());
+      });
+    });
+    return {x_merged, size_merged};
+  }
+
+  // The merge backward for a matching of kind Input; with x_a defined ([B, NA, C], accumulation dtype) it also copies
+  // x_A there.
+  template <typename Input>
+  static MergeGrads backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x_in,
+                             const c10::optional<Tensor>& size, const Tensor& matching, const Checkerboard& grid,
+                             const Tensor& x_a = Tensor()) {
+    MergeGrads grads = allocate_merge_grads(grad_x_merged, grad_size_merged, x_in, size, grid);
+    const Tensor& x = grads.x;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_backward", [&] {
+      using acc_t = acc_type<scalar_t>;
+      Input::template view<acc_t>(matching, grid, [&](const auto& view) {
+        merge_backward_kernel(grads.g.data_ptr<scalar_t>(), grads.h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
+                              grads.sizes.data_ptr<acc_t>(), view, grid, x.size(0), x.size(2),
+                              grads.gz.data_ptr<acc_t>(), grads.q.data_ptr<acc_t>(), grads.grad_x.data_ptr<scalar_t>(),
+                              grads.grad_size.data_ptr<acc_t>(), x_a.defined() ? x_a.data_ptr<acc_t>() : nullptr);
+      });
+    });
+    return grads;
+  }
+};
 
 }  // namespace
 
-TensorPair scatter_mean_merge(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,
-                              int64_t height, int64_t width, int64_t num_prefix_tokens) {
-  const Checkerboard grid = checked_merge_matching(x, size, matching, height, width, num_prefix_tokens);
-  return merge_forward(x, size, matching, grid);
-}
-
-TensorTriple scatter_mean_merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged,
-                                         const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,
-                                         int64_t height, int64_t width, int64_t num_prefix_tokens) {
-  const Checkerboard grid = checked_merge_matching(x, size, matching, height, width, num_prefix_tokens);
-  const MergeGrads grads = merge_backward(grad_x_merged, grad_size_merged, x, size, matching, grid);
-  return {grads.grad_x, grads.grad_size, matching_grad(grads, grid, matching)};
-}
+FPET_DEFINE_SCATTER_MEAN_MERGE_OPS(Merge)
 
 TensorPair merge_tokens(const Tensor& x, const Tensor& metric, const c10::optional<Tensor>& size, int64_t height,
                         int64_t width, int64_t num_prefix_tokens) {
@@ -376,7 +371,7 @@ TensorPair merge_tokens(const Tensor& x, const Tensor& metric, const c10::option
     // Too few batches to keep every thread busy with whole batches: phase by phase, the merge sliced by channels.
     const Tensor index = at::empty({batch, grid.num_a()}, x.options().dtype(at::kLong));
     argmax_rows(cell_scores(normalize_metric(metric, grid), grid), grid, index);  // transient scores, nothing kept
-    return merge_forward(x, size, index, grid);
+    return Merge::forward<Merge::IndexInput>(x, size, index, grid);
   }
   const Tensor xc = x.contiguous();
   const Tensor mc = metric.contiguous();
@@ -403,7 +398,8 @@ TensorTriple merge_tokens_backward(const Tensor& grad_x_merged, const Tensor& gr
   const auto x_acc = accumulation_dtype(x.scalar_type());
   const Tensor x_a = metric_grad ? at::empty({x.size(0), grid.num_a(), x.size(2)}, x.options().dtype(x_acc))
                                  : Tensor();
-  const MergeGrads grads = merge_backward(grad_x_merged, grad_size_merged, x, size, index, grid, x_a);
+  const MergeGrads grads =
+      Merge::backward<Merge::IndexInput>(grad_x_merged, grad_size_merged, x, size, index, grid, x_a);
   if (!metric_grad) return {grads.grad_x, at::empty({0}, metric.options()), grads.grad_size};
 
   // dL/dS over the B cells, [B, NA, NB - P], in the metric's accumulation dtype (x's may differ).

@@ -1,5 +1,5 @@
 // checkerboard_similarity on the CPU: cosine normalisation, scores as a GEMM per batch, argmax rows, and the
-// backward into the metric (SPEC sections 2-3). Kernels run in parallel over batches (the cosine backward over
+// backward into the metric (docs/design.md §2-§3). Kernels run in parallel over batches (the cosine backward over
 // batch x rows); every output row is written by one thread, so results do not depend on the thread count.
 #include <limits>
 
@@ -112,7 +112,7 @@ Tensor similarity_backward(const Tensor& grad_cell_scores, const NormalizedMetri
                            at::ScalarType out_dtype) {
   const int64_t batch = metric.norm.size(0);
   const int64_t dim = metric.hat_a.size(2);
-  // dm^_A = dS m^_B, dm^_B = dS^T m^_A (SPEC section 3, "Cosine")
+  // dm^_A = dS m^_B, dm^_B = dS^T m^_A (docs/design.md §3 "Cosine")
   const NoAutocast no_autocast;
   const Tensor grad_hat_a = at::bmm(grad_cell_scores, metric.hat_b);
   const Tensor grad_hat_b = at::bmm(grad_cell_scores.transpose(1, 2), metric.hat_a);

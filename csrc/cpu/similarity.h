@@ -3,7 +3,7 @@
 // The O(NA * NB * Dh) products (the scores and their backward) are GEMMs through ATen's BLAS (MKL or OpenBLAS,
 // whichever torch links); everything else (normalisation, top-2/argmax, the cosine backward) is a row
 // kernel here. Scores are kept in a compact [B, NA, NB - P] layout, the B cells only: prefix columns are -inf by
-// definition (SPEC section 2, step 4) and are only materialised for the checkerboard_similarity op's output.
+// definition (docs/design.md §2 step 4) and are only materialised for the checkerboard_similarity op's output.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -68,7 +68,7 @@ void batch_scores(const acc_t* hat_a, const acc_t* hat_b, const Checkerboard& gr
              at::from_blob(const_cast<acc_t*>(hat_b), {cells, dim}, options).t());
 }
 
-// k(i) = P + argmax over the B cells of score row i, lowest column on ties (SPEC section 2, step 5), for one batch:
+// k(i) = P + argmax over the B cells of score row i, lowest column on ties (docs/design.md §2 step 5), for one batch:
 // scores [NA, NB - P] -> index [NA] in B numbering.
 template <typename acc_t>
 void batch_argmax(const acc_t* scores, const Checkerboard& grid, int64_t* index) {
@@ -78,7 +78,7 @@ void batch_argmax(const acc_t* scores, const Checkerboard& grid, int64_t* index)
 
 // ------------------------------------------------------------------------------------------------- whole batch
 
-// The cosine-normalised metric of SPEC section 2, step 4, in the accumulation dtype (float32; float64 for float64).
+// The cosine-normalised metric of docs/design.md §2 step 4, in the accumulation dtype (float32; float64 for float64).
 struct NormalizedMetric {
   Tensor hat_a;  // [B, NA, Dh]: m / max(||m||, eps) of the A tokens, in A order
   Tensor hat_b;  // [B, NB - P, Dh]: the same for the B cells, in B order
@@ -90,11 +90,11 @@ NormalizedMetric normalize_metric(const Tensor& metric, const Checkerboard& grid
 // S[b, i, j'] = <m^_A[i], m^_B[P + j']> for the B cells j' (a GEMM per batch): [B, NA, NB - P], contiguous.
 Tensor cell_scores(const NormalizedMetric& metric, const Checkerboard& grid);
 
-// k(i) = argmax_j S[i, j] over the B cells, lowest column on ties (SPEC section 2, step 5), written into index
+// k(i) = argmax_j S[i, j] over the B cells, lowest column on ties (docs/design.md §2 step 5), written into index
 // [B, NA] (int64) in B numbering (prefix included, so k(i) >= P).
 void argmax_rows(const Tensor& cell_scores, const Checkerboard& grid, const Tensor& index);
 
-// dL/dm from dL/dS over the B cells (SPEC section 3, "Cosine"): grad_cell_scores [B, NA, NB - P] in the
+// dL/dm from dL/dS over the B cells (docs/design.md §3 "Cosine"): grad_cell_scores [B, NA, NB - P] in the
 // accumulation dtype, any strides. Returns [B, N, Dh] in out_dtype; prefix tokens get zero.
 Tensor similarity_backward(const Tensor& grad_cell_scores, const NormalizedMetric& metric, const Checkerboard& grid,
                            at::ScalarType out_dtype);

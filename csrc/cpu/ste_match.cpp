@@ -1,4 +1,4 @@
-// ste_match on the CPU (SPEC section 2 step 5, section 3 "STE"): one-hot argmax forward, sigmoid STE backward.
+// ste_match on the CPU (docs/design.md §2 step 5, §3 "STE"): one-hot argmax forward, sigmoid STE backward.
 // Prefix columns need no special case here: they hold -inf, so sigma' is 0 there and they never win the top-2.
 #include <vector>
 

@@ -23,7 +23,7 @@ using acc_type = at::opmath_type<scalar_t>;  // float for bfloat16/float16/float
 
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;  // kernels that give one warp to one row handle 8 rows per block
-constexpr int kBlockThreads = kWarp * kWarpsPerBlock;
+constexpr int kBlockThreads = kWarp * kWarpsPerBlock;  // the most threads any block has: __launch_bounds__
 constexpr int kMaxDimPerLane = 8;  // a warp keeps one metric row in registers: Dh <= 256
 
 inline unsigned int blocks_for(int64_t items, int64_t per_block) {
@@ -76,7 +76,7 @@ __device__ __forceinline__ Top2<acc_t> warp_top2(Top2<acc_t> top) {
   return top;
 }
 
-// The cosine-normalised metric (SPEC section 2, step 4) in the accumulation dtype.
+// The cosine-normalised metric (docs/design.md §2 step 4) in the accumulation dtype.
 struct NormalizedMetric {
   Tensor hat;   // [B, N, Dh]: m / max(||m||, eps)
   Tensor norm;  // [B, N]: ||m||
@@ -84,7 +84,7 @@ struct NormalizedMetric {
 
 NormalizedMetric normalize_metric(const Tensor& metric, const Checkerboard& grid);
 
-// One fused kernel per block of A rows: scores against the B cells, top-2 and argmax (SPEC section 2, steps 4-5).
+// One fused kernel per block of A rows: scores against the B cells, top-2 and argmax (docs/design.md §2 steps 4-5).
 // Writes index [B, NA] and, if defined, scores [B, NA, NB] (prefix columns -inf).
 void score_rows(const NormalizedMetric& metric, const Checkerboard& grid, const Tensor& scores, const Tensor& index);
 

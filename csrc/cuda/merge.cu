@@ -1,9 +1,13 @@
-// scatter_mean_merge and the fused merge_tokens on CUDA (SPEC section 2 steps 3-6, section 3).
+// scatter_mean_merge, scatter_mean_merge_dense and the fused merge_tokens on CUDA (docs/design.md §2 steps 3-6, §3).
 //
 // Deterministic, no float atomics: a serial counting sort of k per batch gives the inverse index; one block per
 // B row then sums its A rows in that fixed order (threads over channels). The backward follows the closed forms
-// of SPEC section 3: B rows, then A rows (a gather), then one cuBLAS GEMM X_A (G/Z)^T whose output buffer a
-// warp-per-row kernel turns into dL/dS in place (dL/dM is formed on the fly, never stored).
+// of docs/design.md §3: B rows, then A rows (a gather), then one cuBLAS GEMM X_A (G/Z)^T whose output buffer a
+// warp-per-row kernel turns into dL/dS in place (dL/dM is formed on the fly, never stored). The kernels are
+// templates over the matching (IndexMatching or DenseMatching, fpet_math.h), the host code over its input kind.
+//
+// Every kernel declares __launch_bounds__ with the most threads it is launched with (kBlockThreads, which
+// threads_for_channels never exceeds, or kInvertIndexThreads), so the binary records it (EIATTR_MAX_THREADS).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -22,8 +26,10 @@ namespace cuda {
 namespace {
 
 // One thread per batch: offsets [B, NB + 1], order [B, NA] (a stable counting sort; NA is small).
-__global__ void invert_index_kernel(const int64_t* __restrict__ index, int64_t num_a, int64_t num_b,
-                                    int64_t* __restrict__ offsets, int64_t* __restrict__ order) {
+constexpr int kInvertIndexThreads = 1;
+__global__ void __launch_bounds__(kInvertIndexThreads)
+    invert_index_kernel(const int64_t* __restrict__ index, int64_t num_a, int64_t num_b,
+                        int64_t* __restrict__ offsets, int64_t* __restrict__ order) {
   const int64_t b = blockIdx.x;
   const int64_t* k = index + b * num_a;
   int64_t* off = offsets + b * (num_b + 1);
@@ -64,9 +70,10 @@ __device__ acc_type<scalar_t> merged_total(const scalar_t* x, const acc_type<sca
 
 // Grid (NB, B): x'_j = total / Z_j, size'_j = Z_j.
 template <typename scalar_t, typename Matching>
-__global__ void merge_forward_kernel(const scalar_t* __restrict__ x, const acc_type<scalar_t>* __restrict__ size,
-                                     Matching matching, Checkerboard grid, int64_t channels,
-                                     scalar_t* __restrict__ x_merged, acc_type<scalar_t>* __restrict__ size_merged) {
+__global__ void __launch_bounds__(kBlockThreads)
+    merge_forward_kernel(const scalar_t* __restrict__ x, const acc_type<scalar_t>* __restrict__ size,
+                         Matching matching, Checkerboard grid, int64_t channels, scalar_t* __restrict__ x_merged,
+                         acc_type<scalar_t>* __restrict__ size_merged) {
   using acc_t = acc_type<scalar_t>;
   const int64_t j = blockIdx.x;
   const int64_t b = blockIdx.y;
@@ -82,12 +89,12 @@ __global__ void merge_forward_kernel(const scalar_t* __restrict__ x, const acc_t
 
 // Grid (NB, B): gz_j = g_j / Z_j, q_j = h_j - <x'_j, gz_j>, dL/dx_B[j] = s_B[j] gz_j, dL/ds_B[j] = <x_B[j], gz_j> + q_j.
 template <typename scalar_t, typename Matching>
-__global__ void merge_backward_b_kernel(const scalar_t* __restrict__ grad_x_merged,
-                                        const acc_type<scalar_t>* __restrict__ grad_size_merged,
-                                        const scalar_t* __restrict__ x, const acc_type<scalar_t>* __restrict__ size,
-                                        Matching matching, Checkerboard grid, int64_t channels,
-                                        acc_type<scalar_t>* __restrict__ gz, acc_type<scalar_t>* __restrict__ q,
-                                        scalar_t* __restrict__ grad_x, acc_type<scalar_t>* __restrict__ grad_size) {
+__global__ void __launch_bounds__(kBlockThreads)
+    merge_backward_b_kernel(const scalar_t* __restrict__ grad_x_merged,
+                            const acc_type<scalar_t>* __restrict__ grad_size_merged, const scalar_t* __restrict__ x,
+                            const acc_type<scalar_t>* __restrict__ size, Matching matching, Checkerboard grid,
+                            int64_t channels, acc_type<scalar_t>* __restrict__ gz, acc_type<scalar_t>* __restrict__ q,
+                            scalar_t* __restrict__ grad_x, acc_type<scalar_t>* __restrict__ grad_size) {
   using acc_t = acc_type<scalar_t>;
   const int64_t j = blockIdx.x;
   const int64_t b = blockIdx.y;
@@ -118,11 +125,11 @@ __global__ void merge_backward_b_kernel(const scalar_t* __restrict__ grad_x_merg
 
 // Grid (NA, B): dL/dx_A[i] = s_A[i] sum_j M[i, j] gz_j, dL/ds_A[i] = sum_j M[i, j] (<x_A[i], gz_j> + q_j).
 template <typename scalar_t, typename Matching>
-__global__ void merge_backward_a_kernel(const scalar_t* __restrict__ x, const acc_type<scalar_t>* __restrict__ size,
-                                        Matching matching, Checkerboard grid, int64_t channels,
-                                        const acc_type<scalar_t>* __restrict__ gz,
-                                        const acc_type<scalar_t>* __restrict__ q, scalar_t* __restrict__ grad_x,
-                                        acc_type<scalar_t>* __restrict__ grad_size) {
+__global__ void __launch_bounds__(kBlockThreads)
+    merge_backward_a_kernel(const scalar_t* __restrict__ x, const acc_type<scalar_t>* __restrict__ size,
+                            Matching matching, Checkerboard grid, int64_t channels,
+                            const acc_type<scalar_t>* __restrict__ gz, const acc_type<scalar_t>* __restrict__ q,
+                            scalar_t* __restrict__ grad_x, acc_type<scalar_t>* __restrict__ grad_size) {
   using acc_t = acc_type<scalar_t>;
   const int64_t i = blockIdx.x;
   const int64_t b = blockIdx.y;
@@ -145,12 +152,12 @@ __global__ void merge_backward_a_kernel(const scalar_t* __restrict__ x, const ac
   }
 }
 
-// One warp per A row, in place: grad[b, i, j] = <x_A[i], gz_j> becomes dL/dS[b, i, j] (SPEC section 3, "STE") with
-// dL/dM[i, j] = s_A[i] (grad + q_j) formed on the fly. Prefix columns get 0.
+// One warp per A row, in place: grad[b, i, j] = <x_A[i], gz_j> becomes dL/dS[b, i, j] (docs/design.md §3 "STE")
+// with dL/dM[i, j] = s_A[i] (grad + q_j) formed on the fly. Prefix columns get 0.
 template <typename acc_t>
-__global__ void ste_rows_kernel(acc_t* __restrict__ grad, const acc_t* __restrict__ scores,
-                                const acc_t* __restrict__ size, const acc_t* __restrict__ q, Checkerboard grid,
-                                int64_t batch) {
+__global__ void __launch_bounds__(kBlockThreads)
+    ste_rows_kernel(acc_t* __restrict__ grad, const acc_t* __restrict__ scores, const acc_t* __restrict__ size,
+                    const acc_t* __restrict__ q, Checkerboard grid, int64_t batch) {
   const int64_t num_a = grid.num_a();
   const int64_t num_b = grid.num_b();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
@@ -176,94 +183,89 @@ __global__ void ste_rows_kernel(acc_t* __restrict__ grad, const acc_t* __restric
   for (int64_t j = grid.prefix + lane; j < num_b; j += kWarp) g_row[j] = ste_score_grad(g_row[j], row_sum, j, top);
 }
 
-// Calls run(matching_view) with an IndexMatching (int64 index) or a DenseMatching (float matching) in acc_t.
-template <typename acc_t, typename Run>
-void with_matching(const Tensor& matching, const Checkerboard& grid, Run run) {
-  if (matching.scalar_type() == at::kLong) {
-    const Tensor index = matching.contiguous();
-    const int64_t batch = index.size(0);
-    Tensor offsets = at::empty({batch, grid.num_b() + 1}, index.options());
-    Tensor order = at::empty({batch, grid.num_a()}, index.options());
-    if (batch > 0) {
-      invert_index_kernel<<<static_cast<unsigned int>(batch), 1, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          index.data_ptr<int64_t>(), grid.num_a(), grid.num_b(), offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+// The CUDA merge, as ScatterMeanMergeOps (merge_host.h) and merge_tokens use it; runs on the device of x.
+struct Merge {
+  // scatter_mean_merge's index k [B, NA] as the CUDA kernels take it: view<acc_t>(k, grid, run) inverts k and calls
+  // run(IndexMatching<acc_t>). The counterpart of DenseInput (merge_host.h).
+  struct IndexInput {
+    template <typename acc_t, typename Run>
+    static void view(const Tensor& matching, const Checkerboard& grid, Run run) {
+      const Tensor index = matching.contiguous();
+      const int64_t batch = index.size(0);
+      Tensor offsets = at::empty({batch, grid.num_b() + 1}, index.options());
+      Tensor order = at::empty({batch, grid.num_a()}, index.options());
+      if (batch > 0) {
+        const auto stream = c10::cuda::getCurrentCUDAStream();
+        invert_index_kernel<<<static_cast<unsigned int>(batch), kInvertIndexThreads, 0, stream>>>(
+            index.data_ptr<int64_t>(), grid.num_a(), grid.num_b(), offsets.data_ptr<int64_t>(),
+            order.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      run(IndexMatching<acc_t>{index.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+                               grid.num_a(), grid.num_b()});
     }
-    run(IndexMatching<acc_t>{index.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-                             grid.num_a(), grid.num_b()});
-  } else {
-    const Tensor weights = matching.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    run(DenseMatching<acc_t>{weights.data_ptr<acc_t>(), grid.num_a(), grid.num_b()});
+  };
+
+  // The merge forward for a matching of kind Input (IndexInput or DenseInput).
+  template <typename Input>
+  static TensorPair forward(const Tensor& x_in, const c10::optional<Tensor>& size, const Tensor& matching,
+                            const Checkerboard& grid) {
+    const c10::cuda::CUDAGuard guard(x_in.device());
+    const Tensor x = x_in.contiguous();
+    const Tensor sizes = sizes_or_ones(size, x);
+    const int64_t batch = x.size(0);
+    const int64_t channels = x.size(2);
+    Tensor x_merged = at::empty({batch, grid.num_b(), channels}, x.options());
+    Tensor size_merged = at::empty({batch, grid.num_b()}, sizes.options());
+    if (batch == 0) return {x_merged, size_merged};
+    const dim3 blocks(static_cast<unsigned int>(grid.num_b()), static_cast<unsigned int>(batch));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_forward", [&] {
+      using acc_t = acc_type<scalar_t>;
+      Input::template view<acc_t>(matching, grid, [&](const auto& view) {
+        merge_forward_kernel<<<blocks, threads_for_channels(channels), 0, c10::cuda::getCurrentCUDAStream()>>>(
+            x.data_ptr<scalar_t>(), sizes.data_ptr<acc_t>(), view, grid, channels, x_merged.data_ptr<scalar_t>(),
+            size_merged.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    return {x_merged, size_merged};
   }
-}
 
-TensorPair merge_forward(const Tensor& x_in, const c10::optional<Tensor>& size, const Tensor& matching,
-                         const Checkerboard& grid) {
-  const Tensor x = x_in.contiguous();
-  const Tensor sizes = sizes_or_ones(size, x);
-  const int64_t batch = x.size(0);
-  const int64_t channels = x.size(2);
-  Tensor x_merged = at::empty({batch, grid.num_b(), channels}, x.options());
-  Tensor size_merged = at::empty({batch, grid.num_b()}, sizes.options());
-  if (batch == 0) return {x_merged, size_merged};
-  const dim3 blocks(static_cast<unsigned int>(grid.num_b()), static_cast<unsigned int>(batch));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_forward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    with_matching<acc_t>(matching, grid, [&](const auto& view) {
-      merge_forward_kernel<<<blocks, threads_for_channels(channels), 0, c10::cuda::getCurrentCUDAStream()>>>(
-          x.data_ptr<scalar_t>(), sizes.data_ptr<acc_t>(), view, grid, channels, x_merged.data_ptr<scalar_t>(),
-          size_merged.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The merge backward for a matching of kind Input.
+  template <typename Input>
+  static MergeGrads backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x_in,
+                             const c10::optional<Tensor>& size, const Tensor& matching, const Checkerboard& grid) {
+    const c10::cuda::CUDAGuard guard(x_in.device());
+    MergeGrads grads = allocate_merge_grads(grad_x_merged, grad_size_merged, x_in, size, grid);
+    const Tensor& x = grads.x;
+    const int64_t batch = x.size(0);
+    const int64_t channels = x.size(2);
+    if (batch == 0) return grads;
+    const dim3 b_blocks(static_cast<unsigned int>(grid.num_b()), static_cast<unsigned int>(batch));
+    const dim3 a_blocks(static_cast<unsigned int>(grid.num_a()), static_cast<unsigned int>(batch));
+    const unsigned int threads = threads_for_channels(channels);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_backward", [&] {
+      using acc_t = acc_type<scalar_t>;
+      Input::template view<acc_t>(matching, grid, [&](const auto& view) {
+        merge_backward_b_kernel<<<b_blocks, threads, 0, stream>>>(
+            grads.g.data_ptr<scalar_t>(), grads.h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
+            grads.sizes.data_ptr<acc_t>(), view, grid, channels, grads.gz.data_ptr<acc_t>(), grads.q.data_ptr<acc_t>(),
+            grads.grad_x.data_ptr<scalar_t>(), grads.grad_size.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        merge_backward_a_kernel<<<a_blocks, threads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), grads.sizes.data_ptr<acc_t>(), view, grid, channels, grads.gz.data_ptr<acc_t>(),
+            grads.q.data_ptr<acc_t>(), grads.grad_x.data_ptr<scalar_t>(), grads.grad_size.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
-  });
-  return {x_merged, size_merged};
-}
-
-MergeGrads merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x_in,
-                          const c10::optional<Tensor>& size, const Tensor& matching, const Checkerboard& grid) {
-  MergeGrads grads = allocate_merge_grads(grad_x_merged, grad_size_merged, x_in, size, grid);
-  const Tensor& x = grads.x;
-  const int64_t batch = x.size(0);
-  const int64_t channels = x.size(2);
-  if (batch == 0) return grads;
-  const dim3 b_blocks(static_cast<unsigned int>(grid.num_b()), static_cast<unsigned int>(batch));
-  const dim3 a_blocks(static_cast<unsigned int>(grid.num_a()), static_cast<unsigned int>(batch));
-  const unsigned int threads = threads_for_channels(channels);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "merge_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    with_matching<acc_t>(matching, grid, [&](const auto& view) {
-      merge_backward_b_kernel<<<b_blocks, threads, 0, stream>>>(
-          grads.g.data_ptr<scalar_t>(), grads.h.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
-          grads.sizes.data_ptr<acc_t>(), view, grid, channels, grads.gz.data_ptr<acc_t>(), grads.q.data_ptr<acc_t>(),
-          grads.grad_x.data_ptr<scalar_t>(), grads.grad_size.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      merge_backward_a_kernel<<<a_blocks, threads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), grads.sizes.data_ptr<acc_t>(), view, grid, channels, grads.gz.data_ptr<acc_t>(),
-          grads.q.data_ptr<acc_t>(), grads.grad_x.data_ptr<scalar_t>(), grads.grad_size.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return grads;
-}
+    return grads;
+  }
+};
 
 }  // namespace
 
-TensorPair scatter_mean_merge(const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,
-                              int64_t height, int64_t width, int64_t num_prefix_tokens) {
-  const Checkerboard grid = checked_merge_matching(x, size, matching, height, width, num_prefix_tokens);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return merge_forward(x, size, matching, grid);
-}
-
-TensorTriple scatter_mean_merge_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged,
-                                         const Tensor& x, const c10::optional<Tensor>& size, const Tensor& matching,
-                                         int64_t height, int64_t width, int64_t num_prefix_tokens) {
-  const Checkerboard grid = checked_merge_matching(x, size, matching, height, width, num_prefix_tokens);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const MergeGrads grads = merge_backward(grad_x_merged, grad_size_merged, x, size, matching, grid);
-  return {grads.grad_x, grads.grad_size, matching_grad(grads, grid, matching)};
-}
+FPET_DEFINE_SCATTER_MEAN_MERGE_OPS(Merge)
 
 TensorPair merge_tokens(const Tensor& x, const Tensor& metric, const c10::optional<Tensor>& size, int64_t height,
                         int64_t width, int64_t num_prefix_tokens) {
@@ -272,7 +274,7 @@ TensorPair merge_tokens(const Tensor& x, const Tensor& metric, const c10::option
   const NormalizedMetric normalized = normalize_metric(metric, grid);
   const Tensor index = at::empty({x.size(0), grid.num_a()}, x.options().dtype(at::kLong));
   score_rows(normalized, grid, Tensor(), index);  // argmax only: no score matrix is kept
-  return merge_forward(x, size, index, grid);
+  return Merge::forward<Merge::IndexInput>(x, size, index, grid);
 }
 
 TensorTriple merge_tokens_backward(const Tensor& grad_x_merged, const Tensor& grad_size_merged, const Tensor& x,
@@ -286,7 +288,8 @@ TensorTriple merge_tokens_backward(const Tensor& grad_x_merged, const Tensor& gr
   const Tensor scores =
       metric_grad ? at::empty({x.size(0), grid.num_a(), grid.num_b()}, normalized.hat.options()) : Tensor();
   score_rows(normalized, grid, scores, index);  // the same scores and k(i) as the forward
-  const MergeGrads grads = merge_backward(grad_x_merged, grad_size_merged, x, size, index, grid);
+  const MergeGrads grads =
+      Merge::backward<Merge::IndexInput>(grad_x_merged, grad_size_merged, x, size, index, grid);
   if (!metric_grad) return {grads.grad_x, at::empty({0}, metric.options()), grads.grad_size};
 
   Tensor grad_scores = a_dot_gz(grads, grid).to(metric_acc).contiguous();

@@ -1,4 +1,4 @@
-// checkerboard_similarity on CUDA (SPEC sections 2-3): cosine normalisation, the fused score/top-2/argmax kernel
+// checkerboard_similarity on CUDA (docs/design.md §2-§3): cosine normalisation, the fused score/top-2/argmax kernel
 // (one warp per A row, 8 rows per block), and the backward into the metric (one warp per token).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -13,8 +13,9 @@ namespace cuda {
 namespace {
 
 template <typename scalar_t>
-__global__ void normalize_kernel(const scalar_t* __restrict__ metric, acc_type<scalar_t>* __restrict__ hat,
-                                 acc_type<scalar_t>* __restrict__ norm, int64_t rows, int64_t dim) {
+__global__ void __launch_bounds__(kBlockThreads)
+    normalize_kernel(const scalar_t* __restrict__ metric, acc_type<scalar_t>* __restrict__ hat,
+                     acc_type<scalar_t>* __restrict__ norm, int64_t rows, int64_t dim) {
   using acc_t = acc_type<scalar_t>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -32,8 +33,9 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ metric, acc_type<s
 }
 
 template <typename acc_t>
-__global__ void score_rows_kernel(const acc_t* __restrict__ hat, Checkerboard grid, int64_t batch, int64_t dim,
-                                  acc_t* __restrict__ scores, int64_t* __restrict__ index) {
+__global__ void __launch_bounds__(kBlockThreads)
+    score_rows_kernel(const acc_t* __restrict__ hat, Checkerboard grid, int64_t batch, int64_t dim,
+                      acc_t* __restrict__ scores, int64_t* __restrict__ index) {
   const int64_t num_a = grid.num_a();
   const int64_t num_b = grid.num_b();
   const int64_t tokens = grid.num_tokens();
@@ -58,10 +60,11 @@ __global__ void score_rows_kernel(const acc_t* __restrict__ hat, Checkerboard gr
 }
 
 template <typename scalar_t>
-__global__ void similarity_backward_kernel(const acc_type<scalar_t>* __restrict__ grad_scores,
-                                           const acc_type<scalar_t>* __restrict__ hat,
-                                           const acc_type<scalar_t>* __restrict__ norm, Checkerboard grid,
-                                           int64_t batch, int64_t dim, scalar_t* __restrict__ grad_metric) {
+__global__ void __launch_bounds__(kBlockThreads)
+    similarity_backward_kernel(const acc_type<scalar_t>* __restrict__ grad_scores,
+                               const acc_type<scalar_t>* __restrict__ hat,
+                               const acc_type<scalar_t>* __restrict__ norm, Checkerboard grid,
+                               int64_t batch, int64_t dim, scalar_t* __restrict__ grad_metric) {
   using acc_t = acc_type<scalar_t>;
   const int64_t num_a = grid.num_a();
   const int64_t num_b = grid.num_b();

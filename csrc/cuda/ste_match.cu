@@ -1,4 +1,4 @@
-// ste_match on CUDA (SPEC section 2 step 5, section 3 "STE"): one warp per score row. Prefix columns need no
+// ste_match on CUDA (docs/design.md §2 step 5, §3 "STE"): one warp per score row. Prefix columns need no
 // special case: they hold -inf, so sigma' is 0 there and they never win the top-2.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -23,8 +23,9 @@ __device__ Top2<acc_type<scalar_t>> row_top2(const scalar_t* row, int64_t column
 }
 
 template <typename scalar_t>
-__global__ void ste_match_kernel(const scalar_t* __restrict__ scores, int64_t rows, int64_t columns,
-                                 scalar_t* __restrict__ matching, int64_t* __restrict__ index) {
+__global__ void __launch_bounds__(kBlockThreads)
+    ste_match_kernel(const scalar_t* __restrict__ scores, int64_t rows, int64_t columns,
+                     scalar_t* __restrict__ matching, int64_t* __restrict__ index) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;
@@ -36,9 +37,10 @@ __global__ void ste_match_kernel(const scalar_t* __restrict__ scores, int64_t ro
 }
 
 template <typename scalar_t>
-__global__ void ste_match_backward_kernel(const scalar_t* __restrict__ grad_matching,
-                                          const scalar_t* __restrict__ scores, int64_t rows, int64_t columns,
-                                          scalar_t* __restrict__ grad_scores) {
+__global__ void __launch_bounds__(kBlockThreads)
+    ste_match_backward_kernel(const scalar_t* __restrict__ grad_matching,
+                              const scalar_t* __restrict__ scores, int64_t rows, int64_t columns,
+                              scalar_t* __restrict__ grad_scores) {
   using acc_t = acc_type<scalar_t>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
