@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the FPET ops: the ground truth every backend is tested against.
 
-Plain, readable PyTorch; gradients come from autograd. Section numbers refer to SPEC.md.
+Plain, readable PyTorch; gradients come from autograd. Section numbers refer to docs/design.md.
 Shapes: ``B`` batch, ``N = P + H*W`` tokens (``P`` prefix tokens first, then the patch grid in
 row-major order), ``C`` channels, ``Dh`` metric (head) dimension, ``NA = ceil(HW/2)`` A tokens,
 ``NB = P + floor(HW/2)`` B tokens.
@@ -10,56 +10,52 @@ kept in float32 (float64 for float64 inputs); merged tokens come back in the dty
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from .geometry import Checkerboard
+
 __all__ = [
     "accumulation_dtype",
     "checkerboard_indices",
+    "dropout_keep_mask",
     "refine_keys",
     "checkerboard_similarity",
     "ste_match",
     "scatter_mean_merge",
+    "scatter_mean_merge_dense",
     "merge_tokens",
 ]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype accumulates in float32 (SPEC section 4)."""
+    """float64 stays float64; every other floating dtype accumulates in float32 (§4)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=128)
-def _checkerboard_indices_cpu(height: int, width: int, num_prefix_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    with torch.inference_mode(False):  # cached: must stay usable by autograd whatever mode the first call ran in
-        return _build_checkerboard_indices(height, width, num_prefix_tokens)
-
-
-def _build_checkerboard_indices(height: int, width: int, num_prefix_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.arange(height).view(-1, 1)
-    cols = torch.arange(width).view(1, -1)
-    is_a = ((rows + cols) % 2 == 0).flatten()
-    cells = torch.arange(height * width) + num_prefix_tokens
-    idx_a = cells[is_a]
-    idx_b = torch.cat([torch.arange(num_prefix_tokens), cells[~is_a]])
-    return idx_a, idx_b
-
-
 def checkerboard_indices(
-    grid_size: Tuple[int, int], num_prefix_tokens: int, device: Union[torch.device, str, None] = None
+    grid_size: Sequence[int], num_prefix_tokens: int, device: Union[torch.device, str, None] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Token indices of the A set and the B set (SPEC section 2, step 3).
+    """int64 token indices ``idx_a [NA]`` and ``idx_b [NB]`` of the A and B sets (§2 step 3); see
+    :meth:`fpet_kernels.geometry.Checkerboard.indices`."""
+    return Checkerboard(int(grid_size[0]), int(grid_size[1]), int(num_prefix_tokens)).indices(device)
 
-    Cell ``(r, c)`` of the ``H x W`` grid is an A cell when ``r + c`` is even. Returns int64 tensors
-    ``idx_a [NA]`` (A cells, row-major) and ``idx_b [NB]`` (the ``P`` prefix tokens, then the B cells, row-major),
-    both indexing the token axis of ``x [B, N, C]``.
-    """
-    height, width = grid_size
-    idx_a, idx_b = _checkerboard_indices_cpu(int(height), int(width), int(num_prefix_tokens))
-    return idx_a.to(device), idx_b.to(device)
+
+def dropout_keep_mask(shape: Sequence[int], dropout_p: float, device: Union[torch.device, str, None]) -> torch.Tensor:
+    """The dropout keep mask of the refinement adapter's hidden layer: bool ``shape``, True with probability
+    ``1 - dropout_p``, drawn from torch's generator (``torch.rand(shape) >= p``). Every backend draws it here, so
+    all of them drop the same units for the same seed."""
+    return torch.rand(tuple(shape), device=device) >= dropout_p
+
+
+def dropout_keep(metric: torch.Tensor, w_down: torch.Tensor, dropout_p: float, training: bool) -> Optional[torch.Tensor]:
+    """The keep mask ``[*metric.shape[:-1], d]`` when dropout is active (``training`` and ``dropout_p > 0``), else
+    None."""
+    if not (training and dropout_p > 0):
+        return None
+    return dropout_keep_mask((*metric.shape[:-1], w_down.shape[0]), dropout_p, metric.device)
 
 
 def refine_keys(
@@ -70,25 +66,28 @@ def refine_keys(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """Key refinement adapter (SPEC section 2, step 2): ``m + scale * Up(Dropout(ReLU(Down(m))))``.
+    """Key refinement adapter (§2 step 2): ``m + scale * Up(Dropout(ReLU(Down(m))))``.
 
     Args:
         metric: ``[B, N, Dh]``.
         w_down: effective Down weight ``[d, Dh]`` (nn.Linear layout, already binarised if bits = 1).
         w_up: effective Up weight ``[Dh, d]``.
-        scale, dropout_p, training: the adapter's scale and dropout; dropout is active only when ``training``.
+        scale, dropout_p, training: the adapter's scale and dropout; dropout is active only when ``training``
+            (hidden units kept by :func:`dropout_keep_mask`, scaled by ``1 / (1 - p)``).
     Returns:
         refined metric ``[B, N, Dh]``, dtype of ``metric``.
     """
     hidden = F.relu(F.linear(metric, w_down))
-    hidden = F.dropout(hidden, p=dropout_p, training=training)
-    return metric + scale * F.linear(hidden, w_up)
+    keep = dropout_keep(metric, w_down, dropout_p, training)
+    if keep is not None:
+        hidden = hidden * keep * (1.0 / (1.0 - dropout_p))
+    return metric + F.linear(hidden, w_up) * scale
 
 
 def checkerboard_similarity(
     metric: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int
 ) -> torch.Tensor:
-    """Cosine similarity of every A token to every B token (SPEC section 2, step 4).
+    """Cosine similarity of every A token to every B token (§2 step 4).
 
     Args:
         metric: ``[B, N, Dh]`` with ``N = P + H*W``.
@@ -96,7 +95,7 @@ def checkerboard_similarity(
         scores ``[B, NA, NB]`` in float32 (float64 for float64 input); the ``P`` prefix columns are ``-inf``.
     """
     acc = accumulation_dtype(metric.dtype)
-    idx_a, idx_b = checkerboard_indices(grid_size, num_prefix_tokens, metric.device)
+    idx_a, idx_b = Checkerboard(int(grid_size[0]), int(grid_size[1]), int(num_prefix_tokens)).indices(metric.device)
     m = metric.to(acc)
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scores = m[:, idx_a] @ m[:, idx_b].transpose(1, 2)
@@ -108,7 +107,7 @@ def checkerboard_similarity(
 
 
 def ste_match(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Straight-through one-hot matching of each A row to its best B column (SPEC section 2, step 5).
+    """Straight-through one-hot matching of each A row to its best B column (§2 step 5).
 
     ``t = (top1 + top2) / 2`` per row, ``Soft = sigmoid(S - t)``, ``Hard`` the one-hot argmax (lowest column on
     ties), ``M = Soft + stopgrad(Hard - Soft)``.
@@ -124,7 +123,7 @@ def ste_match(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         top = scores.topk(2, dim=-1).values
         top1, top2 = top[..., :1], top[..., 1:]
         # A single B patch (the other columns are -inf prefix columns): top2 = top1, so that column
-        # receives both halves of the threshold's gradient (SPEC section 3).
+        # receives both halves of the threshold's gradient (§3).
         top2 = torch.where(torch.isinf(top2), top1, top2)
     else:
         top1 = top2 = scores
@@ -136,44 +135,63 @@ def ste_match(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return matching, index
 
 
+def _merge_operands(x: torch.Tensor, size: Optional[torch.Tensor], grid: Checkerboard):
+    """x_A, x_B, s_A, s_B in the accumulation dtype (sizes all ones when ``size`` is None)."""
+    acc = accumulation_dtype(x.dtype)
+    idx_a, idx_b = grid.indices(x.device)
+    xf = x.to(acc)
+    size = torch.ones(x.shape[:2], dtype=acc, device=x.device) if size is None else size.to(acc)
+    return xf[:, idx_a], xf[:, idx_b], size[:, idx_a], size[:, idx_b]
+
+
 def scatter_mean_merge(
+    x: torch.Tensor,
+    size: Optional[torch.Tensor],
+    index: torch.Tensor,
+    grid_size: Tuple[int, int],
+    num_prefix_tokens: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted mean of every A token into its matched B token ``k(i)`` (§2 step 6), as a scatter.
+
+    ``Z_j = s_B[j] + sum_{i: k(i)=j} s_A[i]``, ``x'_j = (s_B[j] x_B[j] + sum_{i: k(i)=j} s_A[i] x_A[i]) / Z_j``.
+
+    Args:
+        x: ``[B, N, C]``.
+        size: ``[B, N]`` token sizes, or ``None`` for all ones.
+        index: int64 ``[B, NA]``, the matched B column of every A token (no gradient flows into it).
+    Returns:
+        ``(x_merged [B, NB, C] in x.dtype, size_merged [B, NB] in float32, float64 for float64 x)``, B order.
+    """
+    grid = Checkerboard(int(grid_size[0]), int(grid_size[1]), int(num_prefix_tokens))
+    x_a, x_b, s_a, s_b = _merge_operands(x, size, grid)
+    weighted_a = x_a * s_a.unsqueeze(-1)
+    totals = (x_b * s_b.unsqueeze(-1)).scatter_add(1, index.unsqueeze(-1).expand_as(weighted_a), weighted_a)
+    merged_size = s_b.scatter_add(1, index, s_a)
+    return (totals / merged_size.unsqueeze(-1)).to(x.dtype), merged_size
+
+
+def scatter_mean_merge_dense(
     x: torch.Tensor,
     size: Optional[torch.Tensor],
     matching: torch.Tensor,
     grid_size: Tuple[int, int],
     num_prefix_tokens: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted mean of every A token into its matched B token (SPEC section 2, step 6).
-
+    """The merge of :func:`scatter_mean_merge` through a float matching ``M`` (§2 step 6):
     ``Z_j = s_B[j] + sum_i M[i, j] s_A[i]``, ``x'_j = (s_B[j] x_B[j] + sum_i M[i, j] s_A[i] x_A[i]) / Z_j``.
 
     Args:
-        x: ``[B, N, C]``.
-        size: ``[B, N]`` token sizes, or ``None`` for all ones.
-        matching: either the float matching ``[B, NA, NB]`` of :func:`ste_match` (gradients flow into it), or the
-            int64 index ``[B, NA]`` of matched B columns (a scatter; no gradient to the matching).
+        matching: float ``[B, NA, NB]``, e.g. the straight-through matching of :func:`ste_match` (gradients flow
+            into it); any non-negative weights.
     Returns:
-        ``(x_merged [B, NB, C] in x.dtype, size_merged [B, NB] in float32, float64 for float64 x)``, B order.
+        as :func:`scatter_mean_merge`.
     """
-    acc = accumulation_dtype(x.dtype)
-    idx_a, idx_b = checkerboard_indices(grid_size, num_prefix_tokens, x.device)
-    xf = x.to(acc)
-    if size is None:
-        size = torch.ones(x.shape[:2], dtype=acc, device=x.device)
-    size = size.to(acc)
-    x_a, x_b = xf[:, idx_a], xf[:, idx_b]
-    s_a, s_b = size[:, idx_a], size[:, idx_b]
-    weighted_a = x_a * s_a.unsqueeze(-1)
-    if matching.dtype == torch.int64:
-        index = matching
-        totals = (x_b * s_b.unsqueeze(-1)).scatter_add(1, index.unsqueeze(-1).expand_as(weighted_a), weighted_a)
-        merged_size = s_b.scatter_add(1, index, s_a)
-    else:
-        m = matching.to(acc)
-        totals = x_b * s_b.unsqueeze(-1) + m.transpose(1, 2) @ weighted_a
-        merged_size = s_b + (m * s_a.unsqueeze(-1)).sum(dim=1)
-    x_merged = totals / merged_size.unsqueeze(-1)
-    return x_merged.to(x.dtype), merged_size
+    grid = Checkerboard(int(grid_size[0]), int(grid_size[1]), int(num_prefix_tokens))
+    x_a, x_b, s_a, s_b = _merge_operands(x, size, grid)
+    m = matching.to(x_a.dtype)
+    totals = x_b * s_b.unsqueeze(-1) + m.transpose(1, 2) @ (x_a * s_a.unsqueeze(-1))
+    merged_size = s_b + (m * s_a.unsqueeze(-1)).sum(dim=1)
+    return (totals / merged_size.unsqueeze(-1)).to(x.dtype), merged_size
 
 
 def merge_tokens(
@@ -184,7 +202,7 @@ def merge_tokens(
     grid_size: Tuple[int, int],
     num_prefix_tokens: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Similarity + STE matching + size-weighted merge (SPEC section 2, steps 3-6).
+    """Similarity + STE matching + size-weighted merge (§2, steps 3-6).
 
     When no gradient is needed (grad mode off, or no input requires grad), takes the fast path: argmax of the
     scores and a scatter, with no matching matrix built. Both paths give the same forward values.
@@ -199,7 +217,5 @@ def merge_tokens(
         t is not None and t.requires_grad for t in (x, metric, size)
     )
     if needs_grad:
-        matching, _ = ste_match(scores)
-    else:
-        matching = scores.argmax(dim=-1)
-    return scatter_mean_merge(x, size, matching, grid_size, num_prefix_tokens)
+        return scatter_mean_merge_dense(x, size, ste_match(scores)[0], grid_size, num_prefix_tokens)
+    return scatter_mean_merge(x, size, scores.argmax(dim=-1), grid_size, num_prefix_tokens)

@@ -1,82 +1,88 @@
-"""The compiled backends ``cpp`` (CPU tensors) and ``cuda`` (CUDA tensors) of SPEC section 4.
+"""The compiled backends ``cpp`` (CPU tensors) and ``cuda`` (CUDA tensors) of docs/design.md §4.
 
-Loads the extension ``fpet_kernels._C``, whose import registers the custom ops ``torch.ops.fpet.<op>`` (schemas and
-CPU/CUDA kernels live in ``csrc/``), and adds their Python side here: autograd (``torch.library.register_autograd``,
-backward through the ``fpet::<op>_backward`` ops) and fake kernels (``torch.library.register_fake``) so that
-``torch.compile`` traces them. The five functions below have the signatures of :mod:`fpet_kernels.reference`.
+Both are the extension ``fpet_kernels._C``: its import registers the custom ops ``torch.ops.fpet.<op>`` (schemas
+and CPU/CUDA kernels in ``csrc/``; the dispatcher picks the kernel by the tensors' device), and :func:`load` adds
+their Python side: autograd (``torch.library.register_autograd``, backward through the private
+``fpet::<op>_backward`` ops) and fake kernels (``torch.library.register_fake``) so that ``torch.compile`` traces
+them. The six functions below have the signatures of :mod:`fpet_kernels.reference`.
 
-If the extension is missing or fails to load, importing this module still succeeds: ``LOAD_ERROR`` says why,
-:mod:`fpet_kernels.ops` marks ``cpp``/``cuda`` unavailable, and ``backend="auto"`` falls back to the reference with
-one warning (:func:`warn_fallback_once`).
-
-``refine_keys`` is two ATen GEMMs on either device; with dropout active (``training`` and ``dropout_p > 0``) it calls
-the reference, which draws the dropout mask with PyTorch's generator.
+The extension is loaded on first use, not when ``fpet_kernels`` is imported. If it is missing or fails to load,
+:func:`unavailable_reason` says why, the registry marks ``cpp``/``cuda`` unavailable, and ``backend="auto"``
+falls back to the reference with one warning (:func:`warn_fallback_once`).
 """
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
-from types import SimpleNamespace
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from . import reference
-
-try:
-    from . import _C  # noqa: F401  (the import registers torch.ops.fpet.*)
-except Exception as error:  # a missing or broken build must not break `import fpet_kernels`
-    LOAD_ERROR: Optional[str] = f"{type(error).__name__}: {error}"
-else:
-    LOAD_ERROR = None
+from .. import reference
+from ..geometry import Checkerboard
 
 BUILD_HINT = "build it from the source tree with `pip install --no-build-isolation -e .`"
-OPS = ("refine_keys", "checkerboard_similarity", "ste_match", "scatter_mean_merge", "merge_tokens")
-BACKWARD_OPS = tuple(f"{name}_backward" for name in OPS)
 
 __all__ = [
-    "LOAD_ERROR",
     "BUILD_HINT",
-    "OPS",
+    "load_error",
     "is_loaded",
+    "registered_ops",
     "cuda_kernels_built",
-    "unavailable_reasons",
+    "unavailable_reason",
     "warn_fallback_once",
     "refine_keys",
     "checkerboard_similarity",
     "ste_match",
     "scatter_mean_merge",
+    "scatter_mean_merge_dense",
     "merge_tokens",
-    "cpp",
-    "cuda",
 ]
+
+
+@functools.lru_cache(maxsize=None)
+def load_error() -> Optional[str]:
+    """Load the extension (once) and register its autograd and fake kernels; None on success, else why not."""
+    try:
+        from .. import _C  # noqa: F401  (the import registers torch.ops.fpet.*)
+    except Exception as error:  # a missing or broken build must not break fpet_kernels
+        return f"{type(error).__name__}: {error}"
+    _register_fake_kernels()
+    _register_autograd()
+    return None
 
 
 def is_loaded() -> bool:
     """True when fpet_kernels._C imported and registered the fpet ops."""
-    return LOAD_ERROR is None
+    return load_error() is None
+
+
+def registered_ops() -> Tuple[str, ...]:
+    """Names of the ``fpet::`` ops the extension registers (forward and backward)."""
+    if not is_loaded():
+        return ()
+    return tuple(sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+                        if name.startswith("fpet::")))
 
 
 def cuda_kernels_built() -> bool:
     """True when every fpet op (and its backward) has a CUDA kernel, i.e. the extension was built with CUDA."""
-    return is_loaded() and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"fpet::{name}", "CUDA") for name in OPS + BACKWARD_OPS
-    )
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    return is_loaded() and all(has_kernel(f"fpet::{name}", "CUDA") for name in registered_ops())
 
 
-def unavailable_reasons() -> Dict[str, str]:
-    """``{backend: why}`` for the compiled backends that cannot run here (empty when both can)."""
+def unavailable_reason(device: str) -> Optional[str]:
+    """Why the compiled backend for ``device`` ("cpu": cpp, "cuda": cuda) cannot run here; None when it can."""
     if not is_loaded():
-        reason = f"the compiled extension fpet_kernels._C is not built or failed to load ({LOAD_ERROR}); {BUILD_HINT}"
-        return {"cpp": reason, "cuda": reason}
-    if not cuda_kernels_built():
-        return {
-            "cuda": "fpet_kernels._C was built without CUDA kernels (FPET_SKIP_CUDA_BUILD=1, or no CUDA toolkit or "
-            f"CUDA-enabled torch at build time); {BUILD_HINT} where nvcc and a CUDA torch are installed"
-        }
-    if not torch.cuda.is_available():
-        return {"cuda": "no CUDA device is available (torch.cuda.is_available() is False)"}
-    return {}
+        return f"the compiled extension fpet_kernels._C is not built or failed to load ({load_error()}); {BUILD_HINT}"
+    if device == "cuda":
+        if not cuda_kernels_built():
+            return ("fpet_kernels._C was built without CUDA kernels (FPET_SKIP_CUDA_BUILD=1, or no CUDA toolkit or "
+                    f"CUDA-enabled torch at build time); {BUILD_HINT} where nvcc and a CUDA torch are installed")
+        if not torch.cuda.is_available():
+            return "no CUDA device is available (torch.cuda.is_available() is False)"
+    return None
 
 
 _warned = threading.Event()
@@ -89,10 +95,10 @@ def warn_fallback_once() -> None:
         return
     _warned.set()
     warnings.warn(
-        f"fpet_kernels: the compiled extension fpet_kernels._C is not available ({LOAD_ERROR}); backend='auto' "
+        f"fpet_kernels: the compiled extension fpet_kernels._C is not available ({load_error()}); backend='auto' "
         f"falls back to the pure-PyTorch reference on CPU, which is slower. To use the C++ kernels, {BUILD_HINT}.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
@@ -101,29 +107,27 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return reference.accumulation_dtype(dtype)
 
 
-def _num_a(height: int, width: int) -> int:
-    return (height * width + 1) // 2
-
-
-def _num_b(height: int, width: int, num_prefix_tokens: int) -> int:
-    return num_prefix_tokens + height * width // 2
+def _merged_like(x: torch.Tensor, height: int, width: int, num_prefix_tokens: int):
+    """Empty ``(x' [B, NB, C], size' [B, NB])`` for the fake kernels of the merges."""
+    num_b = Checkerboard(height, width, num_prefix_tokens).num_b
+    return x.new_empty((x.shape[0], num_b, x.shape[2])), x.new_empty((x.shape[0], num_b), dtype=_acc(x.dtype))
 
 
 def _register_fake_kernels() -> None:
     register = torch.library.register_fake
 
     @register("fpet::refine_keys")
-    def _(metric, w_down, w_up, scale):
+    def _(metric, w_down, w_up, keep, scale, dropout_p):
         return metric.new_empty(metric.shape)
 
     @register("fpet::refine_keys_backward")
-    def _(grad, metric, w_down, w_up, scale):
+    def _(grad, metric, w_down, w_up, keep, scale, dropout_p):
         return metric.new_empty(metric.shape), w_down.new_empty(w_down.shape), w_up.new_empty(w_up.shape)
 
     @register("fpet::checkerboard_similarity")
     def _(metric, height, width, num_prefix_tokens):
-        shape = (metric.shape[0], _num_a(height, width), _num_b(height, width, num_prefix_tokens))
-        return metric.new_empty(shape, dtype=_acc(metric.dtype))
+        grid = Checkerboard(height, width, num_prefix_tokens)
+        return metric.new_empty((metric.shape[0], grid.num_a, grid.num_b), dtype=_acc(metric.dtype))
 
     @register("fpet::checkerboard_similarity_backward")
     def _(grad_scores, metric, height, width, num_prefix_tokens):
@@ -138,19 +142,24 @@ def _register_fake_kernels() -> None:
         return scores.new_empty(scores.shape)
 
     @register("fpet::scatter_mean_merge")
-    def _(x, size, matching, height, width, num_prefix_tokens):
-        num_b = _num_b(height, width, num_prefix_tokens)
-        return x.new_empty((x.shape[0], num_b, x.shape[2])), x.new_empty((x.shape[0], num_b), dtype=_acc(x.dtype))
+    def _(x, size, index, height, width, num_prefix_tokens):
+        return _merged_like(x, height, width, num_prefix_tokens)
 
     @register("fpet::scatter_mean_merge_backward")
+    def _(grad_x_merged, grad_size_merged, x, size, index, height, width, num_prefix_tokens):
+        return x.new_empty(x.shape), x.new_empty(x.shape[:2], dtype=_acc(x.dtype))
+
+    @register("fpet::scatter_mean_merge_dense")
+    def _(x, size, matching, height, width, num_prefix_tokens):
+        return _merged_like(x, height, width, num_prefix_tokens)
+
+    @register("fpet::scatter_mean_merge_dense_backward")
     def _(grad_x_merged, grad_size_merged, x, size, matching, height, width, num_prefix_tokens):
-        grad_matching = matching.new_empty((0,) if matching.dtype == torch.int64 else matching.shape)
-        return x.new_empty(x.shape), x.new_empty(x.shape[:2], dtype=_acc(x.dtype)), grad_matching
+        return x.new_empty(x.shape), x.new_empty(x.shape[:2], dtype=_acc(x.dtype)), matching.new_empty(matching.shape)
 
     @register("fpet::merge_tokens")
     def _(x, metric, size, height, width, num_prefix_tokens):
-        num_b = _num_b(height, width, num_prefix_tokens)
-        return x.new_empty((x.shape[0], num_b, x.shape[2])), x.new_empty((x.shape[0], num_b), dtype=_acc(x.dtype))
+        return _merged_like(x, height, width, num_prefix_tokens)
 
     @register("fpet::merge_tokens_backward")
     def _(grad_x_merged, grad_size_merged, x, metric, size, height, width, num_prefix_tokens, metric_grad):
@@ -159,12 +168,12 @@ def _register_fake_kernels() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- autograd
-def _or_zeros(grad: Optional[torch.Tensor], like: torch.Tensor, meta=None) -> torch.Tensor:
-    """grad, or zeros of the given (shape, dtype) meta (default: like's) where autograd passed None."""
+def _or_zeros(grad: Optional[torch.Tensor], meta) -> torch.Tensor:
+    """grad, or zeros of the output's (shape, dtype, device) where autograd passed None."""
     if grad is not None:
         return grad
-    shape, dtype = meta if meta is not None else (like.shape, like.dtype)
-    return like.new_zeros(shape, dtype=dtype)
+    shape, dtype, device = meta
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _size_grad(grad_size: torch.Tensor, size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -175,12 +184,13 @@ def _register_autograd() -> None:
     ops = torch.ops.fpet
 
     def refine_keys_setup(ctx, inputs, output):
-        metric, w_down, w_up, ctx.scale = inputs
-        ctx.save_for_backward(metric, w_down, w_up)
+        *tensors, ctx.scale, ctx.dropout_p = inputs
+        ctx.save_for_backward(*tensors)
 
     def refine_keys_backward(ctx, grad):
-        grads = ops.refine_keys_backward(grad, *ctx.saved_tensors, ctx.scale)
-        return (*grads, None)
+        metric, w_down, w_up, keep = ctx.saved_tensors
+        grads = ops.refine_keys_backward(grad, metric, w_down, w_up, keep, ctx.scale, ctx.dropout_p)
+        return (*grads, None, None, None)
 
     def similarity_setup(ctx, inputs, output):
         metric, *ctx.grid = inputs
@@ -192,52 +202,58 @@ def _register_autograd() -> None:
 
     def ste_match_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
+        ctx.output_meta = (output[0].shape, output[0].dtype, output[0].device)
 
     def ste_match_backward(ctx, grad_matching, grad_index):
         (scores,) = ctx.saved_tensors
-        return ops.ste_match_backward(_or_zeros(grad_matching, scores), scores)
+        return ops.ste_match_backward(_or_zeros(grad_matching, ctx.output_meta), scores)
 
     def merge_setup(ctx, inputs, output):
-        """scatter_mean_merge (x, size, matching, *grid) and merge_tokens (x, metric, size, *grid): the three tensors
-        are saved, the grid kept, and the outputs' (shape, dtype) for gradients autograd passes as None."""
+        """The merges (x, size, index | matching, *grid) and merge_tokens (x, metric, size, *grid): the three
+        tensors are saved, the grid kept, and the outputs' (shape, dtype, device) for gradients autograd passes as
+        None."""
         ctx.save_for_backward(*inputs[:3])
         ctx.grid = inputs[3:]
-        ctx.output_meta = [(o.shape, o.dtype) for o in output]
+        ctx.output_meta = [(o.shape, o.dtype, o.device) for o in output]
 
-    def merge_backward(ctx, grad_x_merged, grad_size_merged):
-        x, size, matching = ctx.saved_tensors
+    def output_grads(ctx, grad_x_merged, grad_size_merged):
         meta_x, meta_size = ctx.output_meta
-        grad_x, grad_size, grad_matching = ops.scatter_mean_merge_backward(
-            _or_zeros(grad_x_merged, x, meta_x), _or_zeros(grad_size_merged, x, meta_size), x, size, matching,
-            *ctx.grid,
-        )
-        grad_matching = None if matching.dtype == torch.int64 else grad_matching
+        return _or_zeros(grad_x_merged, meta_x), _or_zeros(grad_size_merged, meta_size)
+
+    def scatter_mean_merge_backward(ctx, grad_x_merged, grad_size_merged):
+        x, size, index = ctx.saved_tensors
+        grad_x, grad_size = ops.scatter_mean_merge_backward(
+            *output_grads(ctx, grad_x_merged, grad_size_merged), x, size, index, *ctx.grid)
+        return grad_x, _size_grad(grad_size, size), None, None, None, None
+
+    def dense_merge_backward(ctx, grad_x_merged, grad_size_merged):
+        x, size, matching = ctx.saved_tensors
+        grad_x, grad_size, grad_matching = ops.scatter_mean_merge_dense_backward(
+            *output_grads(ctx, grad_x_merged, grad_size_merged), x, size, matching, *ctx.grid)
         return grad_x, _size_grad(grad_size, size), grad_matching, None, None, None
 
     def merge_tokens_backward(ctx, grad_x_merged, grad_size_merged):
         x, metric, size = ctx.saved_tensors
-        meta_x, meta_size = ctx.output_meta
         metric_grad = ctx.needs_input_grad[1]
         grad_x, grad_metric, grad_size = ops.merge_tokens_backward(
-            _or_zeros(grad_x_merged, x, meta_x), _or_zeros(grad_size_merged, x, meta_size), x, metric, size,
-            *ctx.grid, metric_grad,
-        )
+            *output_grads(ctx, grad_x_merged, grad_size_merged), x, metric, size, *ctx.grid, metric_grad)
         return grad_x, grad_metric if metric_grad else None, _size_grad(grad_size, size), None, None, None
 
     register = torch.library.register_autograd
     register("fpet::refine_keys", refine_keys_backward, setup_context=refine_keys_setup)
     register("fpet::checkerboard_similarity", similarity_backward, setup_context=similarity_setup)
     register("fpet::ste_match", ste_match_backward, setup_context=ste_match_setup)
-    register("fpet::scatter_mean_merge", merge_backward, setup_context=merge_setup)
+    register("fpet::scatter_mean_merge", scatter_mean_merge_backward, setup_context=merge_setup)
+    register("fpet::scatter_mean_merge_dense", dense_merge_backward, setup_context=merge_setup)
     register("fpet::merge_tokens", merge_tokens_backward, setup_context=merge_setup)
 
 
-if is_loaded():
-    _register_fake_kernels()
-    _register_autograd()
-
-
 # ---------------------------------------------------------------------------------------------- the ops
+def _grid(grid_size, num_prefix_tokens) -> Tuple[int, int, int]:
+    """The ops' ``(height, width, num_prefix_tokens)`` arguments."""
+    return int(grid_size[0]), int(grid_size[1]), int(num_prefix_tokens)
+
+
 def refine_keys(
     metric: torch.Tensor,
     w_down: torch.Tensor,
@@ -246,18 +262,15 @@ def refine_keys(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """``metric + scale * Up(Dropout(ReLU(Down(metric))))``; see :func:`fpet_kernels.reference.refine_keys`."""
-    if training and dropout_p > 0:
-        return reference.refine_keys(metric, w_down, w_up, scale, dropout_p, training)
-    return torch.ops.fpet.refine_keys(metric, w_down, w_up, float(scale))
+    """``metric + scale * Up(Dropout(ReLU(Down(metric))))``; see :func:`fpet_kernels.reference.refine_keys` (the
+    same keep mask, :func:`fpet_kernels.reference.dropout_keep`)."""
+    keep = reference.dropout_keep(metric, w_down, dropout_p, training)
+    return torch.ops.fpet.refine_keys(metric, w_down, w_up, keep, float(scale), float(dropout_p))
 
 
-def checkerboard_similarity(
-    metric: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int
-) -> torch.Tensor:
+def checkerboard_similarity(metric: torch.Tensor, grid_size, num_prefix_tokens: int) -> torch.Tensor:
     """Scores ``[B, NA, NB]``; see :func:`fpet_kernels.reference.checkerboard_similarity`."""
-    height, width = grid_size
-    return torch.ops.fpet.checkerboard_similarity(metric, int(height), int(width), int(num_prefix_tokens))
+    return torch.ops.fpet.checkerboard_similarity(metric, *_grid(grid_size, num_prefix_tokens))
 
 
 def ste_match(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -267,17 +280,19 @@ def ste_match(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def scatter_mean_merge(
-    x: torch.Tensor,
-    size: Optional[torch.Tensor],
-    matching: torch.Tensor,
-    grid_size: Tuple[int, int],
-    num_prefix_tokens: int,
+    x: torch.Tensor, size: Optional[torch.Tensor], index: torch.Tensor, grid_size, num_prefix_tokens: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x_merged [B, NB, C], size_merged [B, NB])``; see :func:`fpet_kernels.reference.scatter_mean_merge`."""
-    height, width = grid_size
-    x_merged, size_merged = torch.ops.fpet.scatter_mean_merge(
-        x, size, matching, int(height), int(width), int(num_prefix_tokens)
-    )
+    x_merged, size_merged = torch.ops.fpet.scatter_mean_merge(x, size, index, *_grid(grid_size, num_prefix_tokens))
+    return x_merged, size_merged
+
+
+def scatter_mean_merge_dense(
+    x: torch.Tensor, size: Optional[torch.Tensor], matching: torch.Tensor, grid_size, num_prefix_tokens: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x_merged, size_merged)`` of a float matching; see :func:`fpet_kernels.reference.scatter_mean_merge_dense`."""
+    x_merged, size_merged = torch.ops.fpet.scatter_mean_merge_dense(
+        x, size, matching, *_grid(grid_size, num_prefix_tokens))
     return x_merged, size_merged
 
 
@@ -286,48 +301,13 @@ def merge_tokens(
     metric: torch.Tensor,
     size: Optional[torch.Tensor] = None,
     *,
-    grid_size: Tuple[int, int],
+    grid_size,
     num_prefix_tokens: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused similarity + STE match + merge; see :func:`fpet_kernels.reference.merge_tokens`.
 
     The forward never keeps a score matrix (argmax per row, then a scatter), with or without grad; the backward
-    recomputes the scores and forms dL/dS from the closed forms of SPEC section 3.
+    recomputes the scores and forms dL/dS from the closed forms of docs/design.md §3.
     """
-    height, width = grid_size
-    x_merged, size_merged = torch.ops.fpet.merge_tokens(
-        x, metric, size, int(height), int(width), int(num_prefix_tokens)
-    )
+    x_merged, size_merged = torch.ops.fpet.merge_tokens(x, metric, size, *_grid(grid_size, num_prefix_tokens))
     return x_merged, size_merged
-
-
-def _on_device(backend: str, device_type: str):
-    """The five ops for one backend, refusing tensors of the other device type."""
-
-    def check(t: torch.Tensor) -> None:
-        if t.device.type != device_type:
-            other = "cuda" if device_type == "cpu" else "cpp"
-            raise ValueError(
-                f"backend {backend!r} runs on {device_type} tensors, got a tensor on {t.device}; use "
-                f"backend={other!r} or 'auto'"
-            )
-
-    def checked(op, first_arg: str):
-        def run(*args, **kwargs):
-            check(args[0] if args else kwargs[first_arg])
-            return op(*args, **kwargs)
-
-        run.__name__, run.__doc__ = op.__name__, op.__doc__
-        return run
-
-    return SimpleNamespace(
-        refine_keys=checked(refine_keys, "metric"),
-        checkerboard_similarity=checked(checkerboard_similarity, "metric"),
-        ste_match=checked(ste_match, "scores"),
-        scatter_mean_merge=checked(scatter_mean_merge, "x"),
-        merge_tokens=checked(merge_tokens, "x"),
-    )
-
-
-cpp = _on_device("cpp", "cpu")
-cuda = _on_device("cuda", "cuda")
