@@ -1,4 +1,9 @@
-"""Helpers shared by the Triton kernels: checkerboard token indexing (SPEC section 2, step 3) and launch settings."""
+"""Helpers shared by the Triton kernels: launch settings and the in-kernel checkerboard token maps (docs/design.md §2
+step 3).
+
+The host side takes the geometry (NA, NB, token counts) from :class:`fpet_kernels.geometry.Checkerboard`; the
+@triton.jit maps below are the same maps inside a kernel, over blocks of positions.
+"""
 from __future__ import annotations
 
 import os
@@ -8,19 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import SUPPORTED_DTYPES  # noqa: F401  (defined with the host-side checks; the GPU report reads it here)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-SUPPORTED_DTYPES = tuple(_TL_DTYPES)
-
-
-def check_dtype(name: str, t: torch.Tensor) -> None:
-    """The Triton backend computes in float32 at most: float64 belongs to the reference and cpp backends."""
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"the triton backend supports float32, bfloat16 and float16 {name}, got {t.dtype}; "
-            f"use backend='reference' or 'cpp' for float64"
-        )
 
 
 def autotune_configs(configs: List[triton.Config]) -> List[triton.Config]:
@@ -43,14 +38,17 @@ def dot_in_float32(dtype: torch.dtype) -> bool:
 @triton.jit
 def a_token(i, width, num_prefix):
     """Token index of A position ``i``: the i-th grid cell with even ``r + c``, row-major. For odd W it is cell 2i;
-    for even W each row holds W/2 A cells, shifted by one on odd rows."""
+    for even W each row holds W/2 A cells, shifted by one on odd rows. The in-kernel form of
+    :meth:`fpet_kernels.geometry.Checkerboard.a_token` (and ``Checkerboard::a_token`` of ``csrc/fpet_math.h``)."""
     even_width = 1 - width % 2
     return num_prefix + 2 * i + ((2 * i // width) & 1) * even_width
 
 
 @triton.jit
 def b_token(j, width, num_prefix):
-    """Token index of B position ``j``: the prefix tokens first, then the cells with odd ``r + c``, row-major."""
+    """Token index of B position ``j``: the prefix tokens first, then the cells with odd ``r + c``, row-major. The
+    in-kernel form of :meth:`fpet_kernels.geometry.Checkerboard.b_token` (and ``Checkerboard::b_token`` of
+    ``csrc/fpet_math.h``)."""
     even_width = 1 - width % 2
     jj = tl.maximum(j - num_prefix, 0)
     cell = 2 * jj + 1 - ((2 * jj // width) & 1) * even_width
@@ -59,7 +57,9 @@ def b_token(j, width, num_prefix):
 
 @triton.jit
 def token_to_ab(n, width, num_prefix):
-    """Inverse map: token ``n`` -> (is an A token, its position in A or in B)."""
+    """Inverse map: token ``n`` -> (is an A token, its position in A or in B). Inverts :func:`a_token` and
+    :func:`b_token` through the rank ``q // 2`` of cell ``q`` among its own set, as described in
+    :mod:`fpet_kernels.geometry` (``Checkerboard`` there and in ``csrc/fpet_math.h``)."""
     cell = tl.maximum(n - num_prefix, 0)
     row = cell // width
     col = cell % width

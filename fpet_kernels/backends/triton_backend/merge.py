@@ -1,4 +1,4 @@
-"""scatter_mean_merge and the fused merge_tokens backward (SPEC section 2, step 6; section 3).
+"""scatter_mean_merge (index and dense) and the fused merge_tokens backward (docs/design.md §2 step 6; §3).
 
 Forward (one-hot matching): an inverse index (A rows grouped by matched B column, ascending A position) is built
 deterministically, then every B row sums its members in that fixed order: no float atomics, same result run to
@@ -7,6 +7,11 @@ run. Forward with a dense float matching: ``T = s_B x_B + M^T (s_A x_A)`` as a b
 Backward, with ``gz_j = g_j / Z_j`` and ``q_j = <x'_j, g_j> / Z_j - h_j``:
 ``dL/dx_n = s_n gz_j(n)``, ``dL/ds_n = <x_n, gz_j(n)> - q_j(n)`` for every token n (j(n) = k(n) for A tokens),
 ``dL/dM[i, j] = s_A[i] (<x_A[i], gz_j> - q_j)``. ``x'`` is the merged output in x's dtype.
+
+The merge_tokens backward saves no matching state: it re-runs the similarity kernel's WRITE_MATCH launch
+(:func:`launch_match`) for the argmax, the second column and the threshold of every A row.
+
+The launchers take the geometry as a :class:`fpet_kernels.geometry.Checkerboard`.
 """
 from __future__ import annotations
 
@@ -17,9 +22,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ...geometry import Checkerboard
 from ._common import a_token, autotune_configs, b_token, dot_in_float32, padded, token_to_ab
 from .match import ste_sigmoid_slope
-from .similarity import a_block_rows, launch_cosine_backward_b, store_grad_a, unit_rows
+from .similarity import a_block_rows, launch_cosine_backward_b, launch_match, store_grad_a, unit_rows
 
 
 # ------------------------------------------------------------------------------------ inverse index (counting sort)
@@ -48,7 +54,7 @@ def _inverse_index_kernel(
     tl.store(offsets_ptr + batch * (NB + 1) + offs_j, count_below, mask=offs_j <= NB)
 
 
-def launch_inverse_index(index: torch.Tensor, num_b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _launch_inverse_index(index: torch.Tensor, num_b: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``index [B, NA]`` int64 -> ``(order [B, NA], offsets [B, NB + 1])`` int32."""
     batch, num_a = index.shape
     index = index.contiguous()
@@ -104,18 +110,20 @@ def _size_args(size: Optional[torch.Tensor], x: torch.Tensor):
 
 
 def launch_scatter_mean_merge(
-    x: torch.Tensor, size: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor,
-    width: int, num_prefix_tokens: int,
+    x: torch.Tensor, size: Optional[torch.Tensor], index: torch.Tensor, grid: Checkerboard,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One-hot merge by ``index [B, NA]`` int64: the inverse index, then the gather-and-sum per B row ->
+    ``(x' [B, NB, C] in x's dtype, size' [B, NB] float32)``."""
     batch, _, channels = x.shape
-    num_a, num_b = order.shape[1], offsets.shape[1] - 1
+    num_a, num_b = grid.num_a, grid.num_b
+    order, offsets = _launch_inverse_index(index, num_b)
     out = torch.empty(batch, num_b, channels, dtype=x.dtype, device=x.device)
     out_size = torch.empty(batch, num_b, dtype=torch.float32, device=x.device)
     size_t, stride_sb, stride_sn = _size_args(size, x)
     block_c = _channel_block(channels)
     wrap_triton(_scatter_mean_merge_kernel)[(num_b, batch, triton.cdiv(channels, block_c))](
         x, size_t, order, offsets, out, out_size,
-        num_a, num_b, channels, width, num_prefix_tokens,
+        num_a, num_b, channels, grid.width, grid.prefix,
         x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn, out.stride(0), out.stride(1),
         HAS_SIZE=size is not None, BLOCK_C=block_c, num_warps=4 if block_c <= 512 else 8,
     )
@@ -178,19 +186,21 @@ def _scatter_mean_merge_dense_kernel(
 
 
 def launch_scatter_mean_merge_dense(
-    x: torch.Tensor, size: Optional[torch.Tensor], matching: torch.Tensor, width: int, num_prefix_tokens: int,
+    x: torch.Tensor, size: Optional[torch.Tensor], matching: torch.Tensor, grid: Checkerboard,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge by a float ``matching [B, NA, NB]`` -> ``(x' [B, NB, C] in x's dtype, size' [B, NB] float32)``."""
     batch, _, channels = x.shape
-    num_a, num_b = matching.shape[1:]
+    num_a, num_b = grid.num_a, grid.num_b
     out = torch.empty(batch, num_b, channels, dtype=x.dtype, device=x.device)
     out_size = torch.empty(batch, num_b, dtype=torch.float32, device=x.device)
     size_t, stride_sb, stride_sn = _size_args(size, x)
-    def grid(meta):
+
+    def programs(meta):
         return triton.cdiv(num_b, meta["BLOCK_J"]), batch, triton.cdiv(channels, meta["BLOCK_C"])
 
-    wrap_triton(_scatter_mean_merge_dense_kernel)[grid](
+    wrap_triton(_scatter_mean_merge_dense_kernel)[programs](
         x, size_t, matching, out, out_size,
-        num_a, num_b, channels, width, num_prefix_tokens,
+        num_a, num_b, channels, grid.width, grid.prefix,
         x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn,
         matching.stride(0), matching.stride(1), matching.stride(2), out.stride(0), out.stride(1),
         HAS_SIZE=size is not None,
@@ -280,7 +290,7 @@ def xa_dot_grad(x_ptr, grad_merged_ptr, tokens_a, a_mask, offs_b, b_mask, C,
 
 # The backward kernels walk the B columns in blocks of BLOCK_B (and C in blocks of BLOCK_C), so that no
 # [BLOCK_A, NB] tile and no whole-NB dot operand is held in registers: every config is spill-free on sm_80 and
-# sm_90 at ViT-B / ViT-L shapes in float32, bfloat16 and float16 (checked with fpet_kernels.gpu_report).
+# sm_90 at ViT-B / ViT-L shapes in float32, bfloat16 and float16 (checked with fpet_kernels.tools.gpu_report).
 _DENSE_BWD_CONFIGS = [
     triton.Config({"BLOCK_B": 32, "BLOCK_C": 32}, num_warps=8, num_stages=3),
 ]
@@ -371,7 +381,7 @@ def _merge_tokens_bwd_kernel(
 ):
     """Fused merge_tokens backward to the metric, one program per BLOCK_A rows of A, all B columns walked in blocks
     of BLOCK_B: ``dL/dM`` (one GEMM + rank-1 terms), the STE backward to ``dL/dS`` (S recomputed from the metric),
-    then the cosine backward. Neither ``dL/dM`` nor ``dL/dS`` is written to memory (SPEC section 3).
+    then the cosine backward. Neither ``dL/dM`` nor ``dL/dS`` is written to memory (docs/design.md §3).
 
     With ``W = sigma' dL/dM`` and ``r_i = sum_l W[i, l] / 2``, ``dL/dS = W - r [j in top2]``, so
     ``dm^_A = W m^_B - r (m^_B[k] + m^_B[top2])`` and ``dm^_B = W^T m^_A - [j in top2]^T (r m^_A)``: the first terms
@@ -448,15 +458,14 @@ def _row_terms(merged, grad_merged, merged_size, grad_size) -> torch.Tensor:
     return q
 
 
-def _token_grads(x, size, index, grad_merged, merged_size, q, grad_x, grad_size, width, num_prefix_tokens,
+def _token_grads(x, size, index, grad_merged, merged_size, q, grad_x, grad_size, grid: Checkerboard,
                  all_tokens: bool) -> None:
     batch, num_tokens, channels = x.shape
-    num_a, num_b = (num_tokens - num_prefix_tokens + 1) // 2, merged_size.shape[1]
     size_t, stride_sb, stride_sn = _size_args(size, x)
     index_t = index if index is not None else merged_size
-    wrap_triton(_scatter_mean_merge_bwd_kernel)[(num_tokens if all_tokens else num_b, batch)](
+    wrap_triton(_scatter_mean_merge_bwd_kernel)[(num_tokens if all_tokens else grid.num_b, batch)](
         x, size_t, index_t, grad_merged, merged_size, q, grad_x, grad_size if grad_size is not None else grad_x,
-        num_tokens, num_a, num_b, channels, width, num_prefix_tokens,
+        num_tokens, grid.num_a, grid.num_b, channels, grid.width, grid.prefix,
         x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn,
         grad_merged.stride(0), grad_merged.stride(1), grad_merged.stride(2),
         HAS_SIZE=size is not None, ALL_TOKENS=all_tokens, BLOCK_C=min(512, triton.next_power_of_2(channels)),
@@ -470,32 +479,38 @@ def _empty_grads(x: torch.Tensor, size: Optional[torch.Tensor]):
     return grad_x, grad_size
 
 
-def launch_scatter_mean_merge_backward(
-    x, size, index, merged, merged_size, grad_merged, grad_size, width: int, num_prefix_tokens: int,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One-hot (index) merge backward -> ``(dL/dx [B, N, C], dL/dsize [B, N] or None)``."""
+def _index_backward(x, size, index, merged, merged_size, grad_merged, grad_size, grid: Checkerboard):
+    """One-hot merge backward to the tokens -> ``(q [B, NB], dL/dx, dL/dsize or None)``."""
     q = _row_terms(merged, grad_merged, merged_size, grad_size)
     grad_x, grad_in_size = _empty_grads(x, size)
-    _token_grads(x, size, index, grad_merged, merged_size, q, grad_x, grad_in_size, width, num_prefix_tokens, True)
+    _token_grads(x, size, index, grad_merged, merged_size, q, grad_x, grad_in_size, grid, True)
+    return q, grad_x, grad_in_size
+
+
+def launch_scatter_mean_merge_backward(
+    x, size, index, merged, merged_size, grad_merged, grad_size, grid: Checkerboard,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One-hot (index) merge backward -> ``(dL/dx [B, N, C], dL/dsize [B, N] or None)``."""
+    _, grad_x, grad_in_size = _index_backward(x, size, index, merged, merged_size, grad_merged, grad_size, grid)
     return grad_x, grad_in_size
 
 
 def launch_scatter_mean_merge_dense_backward(
-    x, size, matching, merged, merged_size, grad_merged, grad_size, width: int, num_prefix_tokens: int,
+    x, size, matching, merged, merged_size, grad_merged, grad_size, grid: Checkerboard,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Dense-matching merge backward -> ``(dL/dx, dL/dsize or None, dL/dmatching [B, NA, NB])``."""
     batch, num_tokens, channels = x.shape
-    num_a, num_b = matching.shape[1:]
+    num_a, num_b = grid.num_a, grid.num_b
     q = _row_terms(merged, grad_merged, merged_size, grad_size)
     grad_x, grad_in_size = _empty_grads(x, size)
     grad_matching = torch.empty(batch, num_a, num_b, dtype=matching.dtype, device=x.device)
-    _token_grads(x, size, None, grad_merged, merged_size, q, grad_x, grad_in_size, width, num_prefix_tokens, False)
+    _token_grads(x, size, None, grad_merged, merged_size, q, grad_x, grad_in_size, grid, False)
     size_t, stride_sb, stride_sn = _size_args(size, x)
     block_a = a_block_rows(num_b)
     wrap_triton(_scatter_mean_merge_dense_bwd_kernel)[(triton.cdiv(num_a, block_a), batch)](
         x, size_t, matching, grad_merged, merged_size, q,
         grad_x, grad_in_size if grad_in_size is not None else grad_x, grad_matching,
-        num_tokens, num_a, num_b, channels, width, num_prefix_tokens,
+        num_tokens, num_a, num_b, channels, grid.width, grid.prefix,
         x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn,
         matching.stride(0), matching.stride(1), matching.stride(2),
         grad_merged.stride(0), grad_merged.stride(1), grad_merged.stride(2),
@@ -504,18 +519,26 @@ def launch_scatter_mean_merge_dense_backward(
     return grad_x, grad_in_size, grad_matching
 
 
+def launch_merge_tokens(
+    x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor], grid: Checkerboard,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused merge_tokens forward: the argmax of every A row (the similarity kernel's WRITE_MATCH launch, no score
+    matrix), then the one-hot merge -> ``(x' [B, NB, C], size' [B, NB] float32)``."""
+    index, _, _ = launch_match(metric, grid)
+    return launch_scatter_mean_merge(x, size, index, grid)
+
+
 def launch_merge_tokens_backward(
-    x, metric, size, merged, merged_size, index, top2, threshold, grad_merged, grad_size,
-    width: int, num_prefix_tokens: int, metric_grad: bool,
+    x, metric, size, merged, merged_size, grad_merged, grad_size, grid: Checkerboard, metric_grad: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Fused merge_tokens backward -> ``(dL/dx, dL/dmetric or None, dL/dsize or None)``."""
-    q = _row_terms(merged, grad_merged, merged_size, grad_size)
-    grad_x, grad_in_size = _empty_grads(x, size)
-    _token_grads(x, size, index, grad_merged, merged_size, q, grad_x, grad_in_size, width, num_prefix_tokens, True)
+    """Fused merge_tokens backward -> ``(dL/dx, dL/dmetric or None, dL/dsize or None)``. The argmax, second column
+    and threshold of every A row are recomputed from the metric (one WRITE_MATCH launch of the forward's kernel)."""
+    index, top2, threshold = launch_match(metric, grid)
+    q, grad_x, grad_in_size = _index_backward(x, size, index, merged, merged_size, grad_merged, grad_size, grid)
     if not metric_grad:
         return grad_x, None, grad_in_size
     batch, num_tokens, channels = x.shape
-    num_a, num_b, head_dim = index.shape[1], merged.shape[1], metric.shape[2]
+    num_a, num_b, head_dim = grid.num_a, grid.num_b, metric.shape[2]
     block_a, block_d = a_block_rows(num_b), padded(head_dim)
     num_a_blocks = triton.cdiv(num_a, block_a)
     grad_metric = torch.empty(metric.shape, dtype=metric.dtype, device=metric.device)
@@ -523,12 +546,12 @@ def launch_merge_tokens_backward(
     size_t, stride_sb, stride_sn = _size_args(size, x)
     wrap_triton(_merge_tokens_bwd_kernel)[(num_a_blocks, batch)](
         x, size_t, metric, grad_merged, merged_size, q, index, top2, threshold, grad_metric, partial,
-        num_a, num_b, channels, head_dim, width, num_prefix_tokens, num_a_blocks,
+        num_a, num_b, channels, head_dim, grid.width, grid.prefix, num_a_blocks,
         x.stride(0), x.stride(1), x.stride(2), stride_sb, stride_sn,
         metric.stride(0), metric.stride(1), metric.stride(2),
         grad_merged.stride(0), grad_merged.stride(1), grad_merged.stride(2),
         grad_metric.stride(0), grad_metric.stride(1), grad_metric.stride(2),
         HAS_SIZE=size is not None, BLOCK_A=block_a, BLOCK_D=block_d, DOT_FP32=dot_in_float32(x.dtype),
     )
-    launch_cosine_backward_b(metric, grad_metric, partial, width, num_prefix_tokens)
+    launch_cosine_backward_b(metric, grad_metric, partial, grid)
     return grad_x, grad_metric, grad_in_size

@@ -1,5 +1,5 @@
-"""checkerboard_similarity: cosine scores of A vs B tokens with the row top-2 / argmax fused in (SPEC section 2,
-steps 3-5), and the cosine backward (SPEC section 3) shared with the fused merge_tokens backward.
+"""checkerboard_similarity: cosine scores of A vs B tokens with the row top-2 / argmax fused in (docs/design.md §2
+steps 3-5), and the cosine backward (docs/design.md §3) shared with the fused merge_tokens backward.
 
 Scores are computed in float32 whatever the input dtype: tl.dot with ``input_precision="tf32x3"`` (three TF32
 tensor-core products, float32-level accuracy; plain float32 FMA dots spill registers at these tile sizes), so that
@@ -14,7 +14,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ...geometry import Checkerboard
 from ._common import a_token, autotune_configs, b_token, padded
+from .match import row_top2, ste_threshold
 
 _SIMILARITY_CONFIGS = [
     triton.Config({"BLOCK_A": 32, "BLOCK_B": 32}, num_warps=4, num_stages=2),
@@ -58,7 +60,8 @@ def _checkerboard_similarity_kernel(
 
     WRITE_SCORES stores ``scores [B, NA, NB]`` (prefix columns -inf). WRITE_MATCH stores per A row the argmax
     ``index`` (int64, lowest column on ties), the second column ``top2`` (int32; = argmax when there is a single
-    finite column) and ``threshold = (top1 + top2) / 2`` (SPEC step 5), without keeping the score matrix.
+    finite column) and ``threshold = (top1 + top2) / 2`` (docs/design.md §2 step 5), without keeping the score
+    matrix.
     """
     pid_a = tl.program_id(0)
     batch = tl.program_id(1)
@@ -85,44 +88,54 @@ def _checkerboard_similarity_kernel(
             tl.store(ptrs + offs_b[None, :] * stride_sn, scores, mask=a_mask[:, None] & b_mask[None, :])
         if WRITE_MATCH:
             scores = tl.where(b_mask[None, :], scores, float("-inf"))
-            bv1 = tl.max(scores, axis=1)
-            bi1 = tl.argmax(scores, axis=1, tie_break_left=True).to(tl.int32)
-            rest = tl.where(tl.arange(0, BLOCK_B)[None, :] == bi1[:, None], float("-inf"), scores)
-            bv2 = tl.max(rest, axis=1)
-            bi2 = tl.argmax(rest, axis=1, tie_break_left=True).to(tl.int32)
+            bv1, bi1, bv2, bi2 = row_top2(scores, tl.arange(0, BLOCK_B))
             v1, i1, v2, i2 = _merge_top2(v1, i1, v2, i2, bv1, bi1 + start, bv2, bi2 + start)
     if WRITE_MATCH:
-        # A single finite column (the rest are -inf prefix columns): top2 = top1 (SPEC step 5).
-        single = v2 == float("-inf")
-        v2 = tl.where(single, v1, v2)
-        i2 = tl.where(single, i1, i2)
+        i2, threshold = ste_threshold(v1, i1, v2, i2)
         row = batch.to(tl.int64) * NA + offs_a
         tl.store(index_ptr + row, i1.to(tl.int64), mask=a_mask)
         tl.store(top2_ptr + row, i2, mask=a_mask)
-        tl.store(threshold_ptr + row, (v1 + v2) / 2, mask=a_mask)
+        tl.store(threshold_ptr + row, threshold, mask=a_mask)
 
 
-def num_ab(grid_size: Tuple[int, int], num_prefix_tokens: int) -> Tuple[int, int]:
-    cells = grid_size[0] * grid_size[1]
-    return (cells + 1) // 2, num_prefix_tokens + cells // 2
-
-
-def launch_checkerboard_similarity(
-    metric: torch.Tensor, width: int, num_a: int, num_b: int, num_prefix_tokens: int,
+def _launch_similarity(
+    metric: torch.Tensor, grid: Checkerboard,
     scores: Optional[torch.Tensor], match: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
 ) -> None:
     """Fill ``scores [B, NA, NB]`` and/or ``match = (index int64, top2 int32, threshold float32)``, each ``[B, NA]``."""
     batch, _, head_dim = metric.shape
     index, top2, threshold = match if match is not None else (metric, metric, metric)
     dummy = scores if scores is not None else metric
-    grid = lambda meta: (triton.cdiv(num_a, meta["BLOCK_A"]), batch)  # noqa: E731
-    wrap_triton(_checkerboard_similarity_kernel)[grid](
+
+    def programs(meta):
+        return triton.cdiv(grid.num_a, meta["BLOCK_A"]), batch
+
+    wrap_triton(_checkerboard_similarity_kernel)[programs](
         metric, dummy, index, top2, threshold,
-        num_a, num_b, head_dim, width, num_prefix_tokens,
+        grid.num_a, grid.num_b, head_dim, grid.width, grid.prefix,
         metric.stride(0), metric.stride(1), metric.stride(2),
         dummy.stride(0), dummy.stride(1), dummy.stride(2),
         BLOCK_D=padded(head_dim), WRITE_SCORES=scores is not None, WRITE_MATCH=match is not None,
     )
+
+
+def launch_checkerboard_similarity(metric: torch.Tensor, grid: Checkerboard) -> torch.Tensor:
+    """``metric [B, N, Dh]`` -> ``scores [B, NA, NB]`` float32 (prefix columns -inf)."""
+    scores = torch.empty(metric.shape[0], grid.num_a, grid.num_b, dtype=torch.float32, device=metric.device)
+    _launch_similarity(metric, grid, scores, None)
+    return scores
+
+
+def launch_match(metric: torch.Tensor, grid: Checkerboard) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``metric [B, N, Dh]`` -> the row matching state ``(index int64, top2 int32, threshold float32)``, each
+    ``[B, NA]``, without the score matrix (the WRITE_MATCH launch). The merge_tokens forward runs it, and its
+    backward runs it again rather than saving the three tensors: same kernel, same inputs, same values."""
+    batch = metric.shape[0]
+    index = torch.empty(batch, grid.num_a, dtype=torch.int64, device=metric.device)
+    top2 = torch.empty(batch, grid.num_a, dtype=torch.int32, device=metric.device)
+    threshold = torch.empty(batch, grid.num_a, dtype=torch.float32, device=metric.device)
+    _launch_similarity(metric, grid, None, (index, top2, threshold))
+    return index, top2, threshold
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -149,7 +162,7 @@ def _checkerboard_similarity_bwd_kernel(
     BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """One program: BLOCK_A rows of ``dL/dS``, all B columns in blocks of BLOCK_B (prefix columns ignored) -> cosine
-    backward (SPEC section 3): ``dL/dm`` of the A tokens, and this block's share of ``dL/dm^_B = dS^T m^_A`` to
+    backward (docs/design.md §3): ``dL/dm`` of the A tokens, and this block's share of ``dL/dm^_B = dS^T m^_A`` to
     ``partial [B, num_a_blocks, NB, BLOCK_D]`` (summed in a fixed order by ``_cosine_backward_b_kernel``). The dots
     run over B column blocks so that no ``[BLOCK_A, NB]`` tile (nor a whole-NB dot operand) is held in registers."""
     pid_a = tl.program_id(0)
@@ -213,18 +226,18 @@ def a_block_rows(num_b: int) -> int:
 
 
 # B columns per step of the backward kernels' column loop. Every config is spill-free on sm_80 and sm_90 at ViT
-# shapes (see fpet_kernels.gpu_report).
+# shapes (see fpet_kernels.tools.gpu_report).
 BACKWARD_BLOCK_B = 32
 
 
 def launch_cosine_backward_b(metric: torch.Tensor, grad_metric: torch.Tensor, partial: torch.Tensor,
-                             width: int, num_prefix_tokens: int) -> None:
+                             grid: Checkerboard) -> None:
     batch, _, head_dim = metric.shape
     _, num_a_blocks, num_b, block_d = partial.shape
     block_j = 32
     wrap_triton(_cosine_backward_b_kernel)[(triton.cdiv(num_b, block_j), batch)](
         partial, metric, grad_metric,
-        num_b, head_dim, width, num_prefix_tokens, num_a_blocks,
+        num_b, head_dim, grid.width, grid.prefix, num_a_blocks,
         metric.stride(0), metric.stride(1), metric.stride(2),
         grad_metric.stride(0), grad_metric.stride(1), grad_metric.stride(2),
         BLOCK_J=block_j, BLOCK_D=block_d, num_warps=4,
@@ -232,22 +245,22 @@ def launch_cosine_backward_b(metric: torch.Tensor, grad_metric: torch.Tensor, pa
 
 
 def launch_checkerboard_similarity_backward(
-    grad_scores: torch.Tensor, metric: torch.Tensor, width: int, num_prefix_tokens: int
+    grad_scores: torch.Tensor, metric: torch.Tensor, grid: Checkerboard
 ) -> torch.Tensor:
     """``dL/dS [B, NA, NB]`` -> ``dL/dmetric [B, N, Dh]`` in metric's dtype."""
     batch, _, head_dim = metric.shape
-    num_a, num_b = grad_scores.shape[1:]
+    num_a, num_b = grid.num_a, grid.num_b
     block_a, block_d = a_block_rows(num_b), padded(head_dim)
     num_a_blocks = triton.cdiv(num_a, block_a)
     grad_metric = torch.empty(metric.shape, dtype=metric.dtype, device=metric.device)
     partial = torch.empty(batch, num_a_blocks, num_b, block_d, dtype=torch.float32, device=metric.device)
     wrap_triton(_checkerboard_similarity_bwd_kernel)[(num_a_blocks, batch)](
         grad_scores, metric, grad_metric, partial,
-        num_a, num_b, head_dim, width, num_prefix_tokens, num_a_blocks,
+        num_a, num_b, head_dim, grid.width, grid.prefix, num_a_blocks,
         grad_scores.stride(0), grad_scores.stride(1), grad_scores.stride(2),
         metric.stride(0), metric.stride(1), metric.stride(2),
         grad_metric.stride(0), grad_metric.stride(1), grad_metric.stride(2),
         BLOCK_A=block_a, BLOCK_D=block_d, BLOCK_B=BACKWARD_BLOCK_B, num_warps=8,
     )
-    launch_cosine_backward_b(metric, grad_metric, partial, width, num_prefix_tokens)
+    launch_cosine_backward_b(metric, grad_metric, partial, grid)
     return grad_metric
