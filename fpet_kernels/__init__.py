@@ -1,22 +1,24 @@
 """fpet_kernels: faster parameter-efficient tuning of timm Vision Transformers.
 
 FPET token merging (a key refinement adapter, a checkerboard straight-through matching and a size-weighted merge at
-one middle block) and SKIP-style FFN pruning, with kernels behind one functional API (:mod:`fpet_kernels.ops`).
+one middle block) for timm ViTs, with PET methods (LoRA, AdaptFormer, VPT, ...) and the merge ops behind one
+functional API (:mod:`fpet_kernels.ops`) with several kernel backends (:mod:`fpet_kernels.backends`). Importing
+the package loads neither triton nor the compiled extension: a backend is loaded when an op first needs it.
+The design: docs/design.md.
 """
+from .backends import BACKENDS, BackendUnavailableError, available_backends
 from .merger import TokenMerger
 from .ops import (
-    BACKENDS,
-    BackendUnavailableError,
-    available_backends,
     checkerboard_similarity,
     merge_tokens,
     refine_keys,
     scatter_mean_merge,
+    scatter_mean_merge_dense,
     ste_match,
 )
 from .pet import PET_METHODS, add_pet, mark_trainable
-from .timm import apply_fpet, remove_fpet
 from .version import __version__
+from .vit_patch import apply_fpet, remove_fpet
 
 __all__ = [
     "__version__",
@@ -27,6 +29,7 @@ __all__ = [
     "checkerboard_similarity",
     "ste_match",
     "scatter_mean_merge",
+    "scatter_mean_merge_dense",
     "merge_tokens",
     "TokenMerger",
     "apply_fpet",

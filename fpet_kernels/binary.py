@@ -1,4 +1,4 @@
-"""1-bit weights with a straight-through estimator (SPEC section 2, step 2) and a Linear that can use them."""
+"""1-bit weights with a straight-through estimator (docs/design.md §2 step 2) and a Linear that can use them."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""TokenMerger: the key refinement adapter followed by the fused merge (SPEC section 2, steps 2-6)."""
+"""TokenMerger: the key refinement adapter followed by the fused merge (docs/design.md §2 steps 2-6)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .pet.binary import QuantLinear, init_up_projection
+from .backends import BACKENDS
+from .binary import QuantLinear, init_up_projection
 
 
 class TokenMerger(nn.Module):
@@ -21,6 +22,8 @@ class TokenMerger(nn.Module):
         refine_dropout: dropout ``p`` inside the adapter (active in training mode only).
         backend: kernel backend for the ops (see :mod:`fpet_kernels.ops`).
     """
+
+    fpet_trainable = True  # marker read by mark_trainable: the refinement adapter trains with the PET method
 
     def __init__(
         self,
@@ -38,8 +41,8 @@ class TokenMerger(nn.Module):
             raise ValueError(f"refine_bits must be 1 or 32, got {refine_bits}")
         if not 0.0 <= refine_dropout < 1.0:
             raise ValueError(f"refine_dropout must be in [0, 1), got {refine_dropout}")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.head_dim = head_dim
         self.refine_dim = refine_dim
         self.refine_bits = refine_bits

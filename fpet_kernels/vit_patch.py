@@ -1,4 +1,4 @@
-"""``apply_fpet`` / ``remove_fpet``: the FPET drop-in for timm VisionTransformer models (SPEC section 2).
+"""``apply_fpet`` / ``remove_fpet``: the FPET drop-in for timm VisionTransformer models (docs/design.md §2).
 
 The patch keeps timm's own modules and forwards:
 
@@ -21,29 +21,16 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import ops
+from .backends import BACKENDS
 from ._thread_state import ThreadState
 from .merger import TokenMerger
+from .vit import find_vision_transformer
 
 __all__ = ["apply_fpet", "remove_fpet", "find_vision_transformer", "get_fpet_patch"]
 
 _MERGER_NAME = "token_merger"
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _POOLS = ("token", "avg", "avgmax", "max", "")
-
-
-def find_vision_transformer(model: nn.Module) -> nn.Module:
-    """The timm ``VisionTransformer`` inside ``model`` (itself, or wrapped e.g. by peft); ValueError if none."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    for module in model.modules():
-        if isinstance(module, VisionTransformer):
-            return module
-    raise ValueError(
-        f"FPET needs a timm VisionTransformer (a patch grid plus prefix tokens, e.g. vit_* or deit_*); "
-        f"{type(model).__name__} contains none. Hierarchical or convolutional models (Swin, ConvNeXt, ...) "
-        f"have no single token grid to merge on."
-    )
 
 
 def get_fpet_patch(model: nn.Module) -> Optional["FPETPatch"]:
@@ -60,7 +47,7 @@ class FPETPatch:
         self.prop_attn = prop_attn
         self.state = ThreadState()
 
-    # ------------------------------------------------------------------ per-forward state (SPEC step 9)
+    # ------------------------------------------------------------------ per-forward state (docs/design.md §2 step 9)
     def reset_state(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         """patch_embed pre-hook: a new forward pass starts; record its patch grid."""
         self.state.set("size", None)
@@ -216,8 +203,8 @@ def apply_fpet(
         _check_block(vit.blocks[index], index)
     if math.prod(vit.patch_embed.grid_size) < 2:
         raise ValueError(f"the patch grid {tuple(vit.patch_embed.grid_size)} has fewer than 2 patches")
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     merger = TokenMerger(
         vit.blocks[layer].attn.head_dim,
         refine_dim=refine_dim,

@@ -1,4 +1,4 @@
-"""Parameter-efficient tuning methods for timm VisionTransformer models (SPEC section 5).
+"""Parameter-efficient tuning methods for timm VisionTransformer models (docs/design.md §5).
 
 ``add_pet(model, method, **hparams)`` adds one method in place; ``mark_trainable(model)`` freezes everything but
 the PET parameters, the FPET refinement adapter and the classifier head. Methods wrap or hook timm's own modules,
@@ -22,8 +22,9 @@ from typing import Any, Dict
 
 import torch.nn as nn
 
+from ..binary import QuantLinear, binarize
+from ..vit import find_vision_transformer
 from .adaptformer import AdaptFormerAdapter
-from .binary import QuantLinear, binarize
 from .lora import LoRAQKV
 from .vpt import VisualPrompts
 
@@ -53,8 +54,6 @@ _PROMPTS_NAME = "vpt"
 
 def add_pet(model: nn.Module, method: str, **hparams: Any) -> nn.Module:
     """Add a PET method (see the module table) to a timm VisionTransformer in place and return ``model``."""
-    from ..timm import find_vision_transformer
-
     if method not in PET_METHODS:
         raise ValueError(f"method must be one of {sorted(PET_METHODS)}, got {method!r}")
     unknown = set(hparams) - set(PET_METHODS[method])
@@ -101,21 +100,16 @@ def _add_prompts(vit: nn.Module, config: Dict[str, Any], deep: bool) -> None:
     vit.num_prefix_tokens += prompts.num_tokens
 
 
-def _is_pet_module(module: nn.Module) -> bool:
-    from ..merger import TokenMerger
-
-    return isinstance(module, (AdaptFormerAdapter, VisualPrompts, TokenMerger))
-
-
 def mark_trainable(model: nn.Module) -> int:
     """Freeze all parameters except PET ones (LoRA incl. peft's ``lora_*``, AdaptFormer, prompts), the FPET
-    refinement adapter and the classifier head(s); return the number of trainable parameters."""
-    from ..timm import find_vision_transformer
+    refinement adapter and the classifier head(s); return the number of trainable parameters.
 
+    Trainable parts are found by their marker: a module class with ``fpet_trainable = True`` (AdaptFormer, visual
+    prompts, the TokenMerger) trains whole; LoRA weights by their ``lora_`` names (ours and peft's)."""
     vit = find_vision_transformer(model)
     model.requires_grad_(False)
     for module in model.modules():
-        if _is_pet_module(module):
+        if getattr(module, "fpet_trainable", False):
             module.requires_grad_(True)
     for name, param in model.named_parameters():
         if "lora_" in name:  # ours (lora_a_q, ...) and peft's (lora_A, lora_B, ...)

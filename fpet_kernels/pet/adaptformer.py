@@ -12,11 +12,13 @@ import torch
 import torch.nn as nn
 
 from .._thread_state import ThreadState
-from .binary import QuantLinear, init_up_projection
+from ..binary import QuantLinear, init_up_projection
 
 
 class AdaptFormerAdapter(nn.Module):
     """``s * Up(Dropout(ReLU(Down(x))))``; ``Down: dim -> bottleneck``, ``Up: bottleneck -> dim``, Up near zero."""
+
+    fpet_trainable = True  # marker read by mark_trainable
 
     def __init__(
         self, dim: int, bottleneck: int = 8, scale: float = 0.1, dropout: float = 0.1, bits: int = 32

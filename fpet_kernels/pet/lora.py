@@ -5,14 +5,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .binary import QuantLinear, init_up_projection
+from ..binary import QuantLinear, init_up_projection
 
 
 class LoRAQKV(nn.Module):
     """Wraps a fused ``qkv`` Linear (``dim -> 3 * attn_dim``) and adds ``scale * B(A(x))`` to its q and v outputs.
 
     ``A: dim -> rank`` (nn.Linear init), ``B: rank -> attn_dim`` (zeros for 32-bit, ``trunc_normal(std 1e-3)`` for
-    1-bit weights, SPEC section 5). The wrapped Linear stays as ``base_layer`` and is not modified. With grad mode
+    1-bit weights, docs/design.md §5). The wrapped Linear stays as ``base_layer`` and is not modified. With grad mode
     off (``torch.no_grad`` / ``torch.inference_mode``) the update is folded into a cached copy of the qkv weight, so
     inference costs one GEMM, as without LoRA.
     """

@@ -15,6 +15,8 @@ import torch.nn as nn
 class VisualPrompts(nn.Module):
     """``num_tokens`` learned prompt tokens, one set (shallow) or one per block (deep)."""
 
+    fpet_trainable = True  # marker read by mark_trainable
+
     def __init__(self, num_tokens: int, dim: int, depth: int, patch_area: int, dropout: float = 0.0) -> None:
         super().__init__()
         if num_tokens < 1:

@@ -1,6 +1,6 @@
 """Model-level measurements shared by ``fpet demo`` and ``bench/``: tokens per block, FLOPs, CPU throughput.
 
-Timing follows SPEC section 7: a fixed thread count, ``torch.inference_mode()``, warm-up runs, the median of
+Timing follows docs/design.md §7: a fixed thread count, ``torch.inference_mode()``, warm-up runs, the median of
 several runs, and the models measured alternately in one process (round-robin) so that machine noise hits all alike.
 """
 from __future__ import annotations
@@ -14,13 +14,13 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..vit import find_vision_transformer
+
 __all__ = ["tokens_per_block", "count_gflops", "measure_throughput", "median", "machine_description"]
 
 
 def tokens_per_block(model: nn.Module, images: torch.Tensor) -> List[int]:
     """Number of tokens entering each transformer block for one forward pass of ``images``."""
-    from .timm import find_vision_transformer
-
     counts: List[int] = []
     handles = [
         block.register_forward_pre_hook(lambda module, args: counts.append(int(args[0].shape[1])))
