@@ -8,9 +8,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import benchmark, ops
+from .backends import BACKENDS, resolve_backend
 from .pet import add_pet
-from .timm import apply_fpet, get_fpet_patch
+from .tools import benchmark
+from .vit_patch import apply_fpet, get_fpet_patch
 
 
 def _format_tokens(counts: List[int]) -> str:
@@ -50,8 +51,8 @@ def run_demo(args: argparse.Namespace) -> int:
     gflops = {name: benchmark.count_gflops(model, images[:1]) for name, model in models.items()}
     times = benchmark.measure_throughput(models, images, runs=args.runs, warmup=args.warmup, threads=args.threads)
     base_rate = args.batch_size / benchmark.median(times["backbone"])
-    merge_backend = ops.resolve_backend(get_fpet_patch(fpet_lora).vit.blocks[get_fpet_patch(fpet_lora).layer]
-                                        .token_merger.backend, images.device)
+    patch = get_fpet_patch(fpet_lora)
+    merge_backend = resolve_backend(patch.vit.blocks[patch.layer].token_merger.backend, images.device).name
 
     header = f"{'model':<11} {'tokens per block':<20} {'GFLOPs/img':>10} {'img/s':>8} {'speedup':>8}  backend"
     print(header)
@@ -67,26 +68,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_gpu_report(args: argparse.Namespace) -> int:
-    """Compile every kernel for real GPU targets (no GPU needed) and print the resource table, or the roofline
-    model with --roofline. Exit status 1 when the check finds a problem (spills, shared memory, tensor cores)."""
-    from . import gpu_report
+    """Compile every Triton kernel for real GPU targets and read the CUDA C++ kernels of the built extension (no
+    GPU needed); print the resource table, or the roofline model with --roofline. Exit status 1 when the check finds
+    a problem (spills, shared memory, tensor cores, a kernel never launched, a CUDA arch missing from the build)."""
+    from .tools import gpu_report  # a developer tool: imported only when this command runs
 
-    if args.roofline:
-        print(gpu_report.format_roofline(gpu_report.roofline()))
-        return 0
-    report = gpu_report.build_report(triton_archs=args.triton_archs, cuda_archs=args.cuda_archs,
-                                     all_configs=not args.first_config, cuda=not args.no_cuda, jobs=args.jobs,
-                                     dtypes=args.dtypes)
-    print(gpu_report.format_rows(report.rows))
-    for note in report.notes:
-        print(f"note: {note}")
-    unlaunched = sorted(set(report.defined_kernels) - set(report.launched_kernels))
-    problems = gpu_report.check(report.rows)
-    problems += [f"{name}: defined but never launched by the ops, so not compiled" for name in unlaunched]
-    print(f"\n{len(report.rows)} kernel builds; {len(problems)} problem(s)")
-    for problem in problems:
-        print(f"  {problem}")
-    return 1 if problems else 0
+    return gpu_report.main(args)
 
 
 def _archs(text: str) -> List[int]:
@@ -120,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-classes", type=int, default=1000, help="classifier size (must match --checkpoint)")
     demo.add_argument("--img-size", type=_img_size, default=[224, 224], help="input size: SIZE or HxW")
     demo.add_argument("--layer", type=int, default=None, help="merge block (default depth // 2)")
-    demo.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="kernel backend for the merge")
+    demo.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend for the merge")
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--runs", type=int, default=5, help="timed rounds (the median is reported)")
     demo.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -129,15 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "gpu-report",
-        help="compile every Triton and CUDA kernel for sm_80/sm_90 (no GPU) and check registers, spills, shared "
-        "memory and tensor-core use",
+        help="compile every Triton kernel for sm_80/sm_90 and read the CUDA kernels of the built extension (no GPU); "
+        "check registers, spills, shared memory and tensor-core use",
         description="Compile every Triton kernel of the package (every autotune config and dtype, at the signatures "
-        "the ops launch them with) and every CUDA C++ kernel of csrc/cuda (setup.py's arch list), read the cubins "
-        "with cuobjdump, and print registers, stack (spill) bytes, shared memory, an occupancy estimate and "
-        "tensor-core use. No GPU is used. --roofline prints the bandwidth/FLOP model of each op instead.",
+        "the ops launch them with), read every CUDA C++ kernel of the built extension fpet_kernels._C (the cubins "
+        "embedded in it, for the arch list of fpet_kernels/cuda_archs.txt) with cuobjdump, and print registers, stack "
+        "(spill) bytes, shared memory, an occupancy estimate and tensor-core use. No GPU, CUDA toolkit or source tree "
+        "is needed. --roofline prints the bandwidth/FLOP model of each op instead.",
     )
-    report.add_argument("--triton-archs", type=_archs, default=[80, 90], help="compute capabilities for Triton")
-    report.add_argument("--cuda-archs", type=_archs, default=None, help="for CUDA C++ (default: setup.py's list)")
+    report.add_argument("--triton-archs", type=_archs, default=None,
+                        help="compute capabilities for Triton (default: 80,90)")
+    report.add_argument("--cuda-archs", type=_archs, default=None,
+                        help="for the CUDA C++ kernels of the built extension (default: fpet_kernels/cuda_archs.txt); "
+                        "an arch the extension was not built for is a problem")
     report.add_argument("--first-config", action="store_true", help="only the first autotune config (faster)")
     report.add_argument("--no-cuda", action="store_true", help="skip the CUDA C++ kernels")
     report.add_argument("--dtypes", type=lambda text: text.split(","), default=None,
@@ -145,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     report.add_argument("--roofline", action="store_true",
                         help="print the roofline model of each op at ViT-B/16 shapes (a model, not a measurement)")
+    report.add_argument("--json", action="store_true",
+                        help="print the report (rows, kernels, notes, problems) or the roofline rows as JSON")
+    report.add_argument("--launcher", default=None,
+                        help="module:function whose Triton kernel launches are compiled (default: every op of the "
+                        "triton backend, forward and backward)")
     report.set_defaults(func=run_gpu_report)
     return parser
 

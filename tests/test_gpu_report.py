@@ -1,13 +1,18 @@
 """`fpet gpu-report` as a CI check (no GPU needed): every Triton kernel, at the signatures its launcher really uses,
-and every CUDA C++ kernel compiles for sm_80 and sm_90 without spills, within each arch's shared memory, with its
-16-bit dot products on tensor cores. A deliberately spilling toy kernel shows the check can fail.
+compiles for sm_80 and sm_90, and every CUDA C++ kernel of the built extension is there for sm_80 and sm_90, without
+spills, within each arch's shared memory, with its 16-bit dot products on tensor cores. A deliberately spilling toy
+kernel shows the check can fail, and so does a CUDA arch the extension was not built for.
 
 To stay within a couple of minutes on 2 cores, CI compiles the first autotune config of every kernel for bfloat16
-and float16 (the tensor-core dtypes); ``fpet gpu-report`` compiles every config and float32 too.
+and float16 (the tensor-core dtypes); ``fpet gpu-report`` compiles every config and float32 too. The CUDA C++ kernels
+are read from the built extension (no nvcc); when it has none, their test skips, or fails with
+FPET_EXPECT_CUDA_KERNELS=1 (as CI sets it).
 
 The roofline tests check the reference's kernel launches and bytes, counted from a ``torch.profiler`` execution
 trace, against the same calls recorded by a dispatch mode.
 """
+import os
+
 import pytest
 import torch
 import triton
@@ -16,8 +21,8 @@ from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fpet_kernels import gpu_report
-from fpet_kernels.gpu_report import KernelRow, check, occupancy_warps
+from fpet_kernels.tools import gpu_report
+from fpet_kernels.tools.gpu_report import KernelRow, check, occupancy_warps
 
 ARCHS = (80, 90)
 DTYPES = ("bf16", "fp16")
@@ -29,7 +34,7 @@ def report():
 
 
 def test_launch_sites_cover_every_triton_kernel(report):
-    assert report.defined_kernels, "no @triton.jit kernel found in fpet_kernels.triton"
+    assert report.defined_kernels, "no @triton.jit kernel found in fpet_kernels.backends.triton_backend"
     assert sorted(set(report.defined_kernels) - set(report.launched_kernels)) == []
 
 
@@ -43,9 +48,14 @@ def test_every_kernel_compiles_for_every_arch_and_dtype(report):
             (kernel, arch) for kernel, arch in expected if kernel != "_inverse_index_kernel"}  # int-only kernel
 
 
+def _extension_has_cuda_kernels() -> bool:
+    library = gpu_report.extension_library()
+    return library is not None and bool(gpu_report.embedded_archs(library))
+
+
 def test_cuda_kernels_compile_for_every_arch(report):
-    if gpu_report.find_nvcc() is None:
-        pytest.skip("nvcc not found")
+    if not _extension_has_cuda_kernels() and os.environ.get("FPET_EXPECT_CUDA_KERNELS") != "1":  # as test_cuda_build
+        pytest.skip("the extension has no CUDA kernels (not built, or built with FPET_SKIP_CUDA_BUILD=1)")
     cuda_rows = [r for r in report.rows if r.backend == "cuda"]
     names = {r.kernel for r in cuda_rows}
     assert names and all({r.arch for r in cuda_rows if r.kernel == name} == set(ARCHS) for name in names)
@@ -80,10 +90,12 @@ def launch_spilling_toy():
 
 
 def test_check_flags_a_spilling_kernel():
-    toy = gpu_report.build_report(launcher=f"{__name__}:launch_spilling_toy", triton_archs=(80,), cuda=False)
+    toy = gpu_report.build_report(launcher=f"{__name__}:launch_spilling_toy", triton_archs=(80,), cuda_archs=(75,))
     (row,) = toy.rows
     assert row.kernel == "_spilling_toy_kernel" and row.stack_bytes > 0
     assert any("stack" in problem for problem in check(toy.rows))
+    if _extension_has_cuda_kernels():  # sm_75 is not in the build: a problem, not a silent skip
+        assert [p for p in toy.problems() if "sm_75" in p] == toy.unavailable != []
 
 
 def _row(**changes):
@@ -127,7 +139,7 @@ def test_roofline_model():
 class _DispatchRecorder(TorchDispatchMode):
     """The independent check of the profiler's call tree: a dispatch mode that sees every aten call below autograd,
     including the calls each kernel makes (it runs the kernel for its dispatch key with the mode re-entered), and
-    records them as the same ``_Call`` tree from the live tensors."""
+    records them as the same ``Call`` tree from the live tensors."""
 
     KEYS = (DispatchKey.CPU, DispatchKey.CompositeExplicitAutogradNonFunctional,
             DispatchKey.CompositeExplicitAutograd, DispatchKey.CompositeImplicitAutograd)
@@ -146,7 +158,7 @@ class _DispatchRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         schema = func._schema
         ordered = [args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(schema.arguments)]
-        call = gpu_report._Call(str(schema), self._tensors(ordered), [])
+        call = gpu_report.Call(str(schema), self._tensors(ordered), [])
         self._stack[-1].append(call)
         self._stack.append(call.calls)
         try:

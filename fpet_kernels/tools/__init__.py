@@ -1,0 +1,1 @@
+"""Developer and measurement tools: not imported by `import fpet_kernels`."""

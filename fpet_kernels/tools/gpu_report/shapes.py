@@ -1,0 +1,25 @@
+"""The shapes every part of the report works at: ViT-B/16 at 224x224 (docs/design.md §2 defaults)."""
+from __future__ import annotations
+
+import dataclasses
+
+from ...geometry import Checkerboard
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """``grid``: the 14x14 patch grid behind one class token; ``channels`` C, ``head_dim`` Dh (the metric) and
+    ``refine_dim`` d (the key refinement adapter's hidden size)."""
+
+    grid: Checkerboard = Checkerboard(14, 14, 1)
+    channels: int = 768
+    head_dim: int = 64
+    refine_dim: int = 32
+
+    @property
+    def tokens(self) -> int:
+        """N = P + H * W = 197."""
+        return self.grid.num_tokens
+
+
+VIT_B16 = Shapes()
