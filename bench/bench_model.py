@@ -1,6 +1,6 @@
 """Eval throughput of FPET+LoRA vs the plain backbone on this CPU (issue: >= 1.33x for ViT-S/16, batch 16).
 
-Models are timed alternately in one process (SPEC section 7). A "free halving" row gives the ceiling of any merge
+Models are timed alternately in one process (docs/design.md §7). A "free halving" row gives the ceiling of any merge
 at this block: the same network with half the patch tokens simply dropped at the merge point (no matching, no
 merge), so the distance between it and FPET+LoRA is what the merge itself costs.
 

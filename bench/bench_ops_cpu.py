@@ -1,4 +1,4 @@
-"""CPU benchmark of merge_tokens: the C++ backend vs the pure-PyTorch reference at ViT-B/16 shapes (SPEC section 7).
+"""CPU benchmark of merge_tokens: the C++ backend vs the pure-PyTorch reference at ViT-B/16 shapes (docs/design.md §7).
 
 B=64 (and B=1), N=197 (class token + 14x14 grid), C=768, Dh=64, torch.set_num_threads(2).
 
@@ -15,12 +15,11 @@ import time
 import pytest
 import torch
 
-from fpet_kernels import compiled
-from fpet_kernels import reference as ref
+from fpet_kernels.backends import get_backend
 
 THREADS = 2
 GRID, PREFIX, CHANNELS, DIM = (14, 14), 1, 768, 64
-IMPLEMENTATIONS = {"reference": ref, "cpp": compiled}
+BACKENDS = ("reference", "cpp")  # registry entries (fpet_kernels.backends)
 CASES = {  # name: (batch, mode)
     "forward": (64, "forward"),
     "forward_backward": (64, "forward_backward"),
@@ -61,13 +60,13 @@ def fixed_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.skipif(not compiled.is_loaded(), reason=f"fpet_kernels._C not built: {compiled.LOAD_ERROR}")
-@pytest.mark.parametrize("backend", list(IMPLEMENTATIONS))
+@pytest.mark.skipif(not get_backend("cpp").available, reason=str(get_backend("cpp").unavailable_reason()))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_tokens(benchmark, case, backend):
     batch, mode = CASES[case]
     benchmark.group = f"merge_tokens {case}"
-    step = make_step(IMPLEMENTATIONS[backend], batch, mode)
+    step = make_step(get_backend(backend).implementation(), batch, mode)
     benchmark.pedantic(step, rounds=7 if batch > 1 else 50, warmup_rounds=2)
 
 
@@ -76,7 +75,7 @@ def measure_ratios(repeats: int = 15) -> dict:
     torch.set_num_threads(THREADS)
     results = {}
     for case, (batch, mode) in CASES.items():
-        steps = {name: make_step(impl, batch, mode) for name, impl in IMPLEMENTATIONS.items()}
+        steps = {name: make_step(get_backend(name).implementation(), batch, mode) for name in BACKENDS}
         inner = 1 if batch > 1 else 20
         times = {name: [] for name in steps}
         for step in steps.values():
@@ -94,7 +93,7 @@ def measure_ratios(repeats: int = 15) -> dict:
 
 
 if __name__ == "__main__":
-    assert compiled.is_loaded(), compiled.LOAD_ERROR
+    get_backend("cpp").implementation()  # raises, saying how to build, when the extension is missing
     print(f"threads={THREADS}, torch {torch.__version__}, B x N x C x Dh = 64 x 197 x 768 x 64")
     for case, (t_ref, t_cpp, ratio) in measure_ratios().items():
         status = "ok" if ratio >= TARGETS[case] else "MISSED"

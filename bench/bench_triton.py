@@ -25,21 +25,16 @@ OPS = ("checkerboard_similarity", "ste_match", "scatter_mean_merge", "merge_toke
 
 
 def backends() -> Dict[str, object]:
-    """Implementations to time: triton, cuda (when fpet_kernels._C has CUDA kernels), reference."""
-    import fpet_kernels.triton as triton_backend
-    from fpet_kernels import ops, reference
+    """Implementations to time, from the backend registry: triton, cuda, reference (those available here)."""
+    from fpet_kernels.backends import get_backend
 
     found = {}
-    reason = triton_backend.unavailable_reason()
-    if reason is None:
-        found["triton"] = triton_backend
-    else:
-        print(f"triton backend skipped: {reason}")
-    if "cuda" in ops.available_backends():
-        found["cuda"] = ops._IMPLEMENTATIONS["cuda"]
-    else:
-        print("cuda backend skipped: fpet_kernels._C was not built with CUDA kernels")
-    found["reference"] = reference
+    for name in ("triton", "cuda", "reference"):
+        backend = get_backend(name)
+        if backend.available:
+            found[name] = backend.implementation()
+        else:
+            print(f"{name} backend skipped: {backend.unavailable_reason()}")
     return found
 
 
