@@ -8,15 +8,20 @@ import os
 import pytest
 import torch
 
-from fpet_kernels import compiled
+from fpet_kernels.backends import OPS
+from fpet_kernels.backends import compiled
 
-pytestmark = pytest.mark.skipif(not compiled.is_loaded(), reason=f"fpet_kernels._C not built: {compiled.LOAD_ERROR}")
+pytestmark = pytest.mark.skipif(not compiled.is_loaded(), reason=f"fpet_kernels._C not built: {compiled.load_error()}")
 
-ALL_OPS = compiled.OPS + compiled.BACKWARD_OPS
+ALL_OPS = OPS + tuple(f"{name}_backward" for name in OPS)
 
 
 def _has_kernel(name: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fpet::{name}", key)
+
+
+def test_the_extension_registers_exactly_the_ops_of_the_contract():
+    assert sorted(compiled.registered_ops()) == sorted(ALL_OPS)
 
 
 def test_every_op_has_a_cpu_kernel():

@@ -4,10 +4,11 @@ import torch
 import torch.nn.functional as F
 
 import fpet_kernels as fk
-from fpet_kernels.benchmark import tokens_per_block
 from fpet_kernels.pet import AdaptFormerAdapter, LoRAQKV, VisualPrompts
+from fpet_kernels.tools.benchmark import tokens_per_block
+from fpet_kernels.vit_patch import get_fpet_patch
 
-from test_timm import images, tiny_vit
+from tests.helpers import images, tiny_vit
 
 METHODS = sorted(fk.PET_METHODS)
 
@@ -92,7 +93,7 @@ def test_prompts_are_prefix_tokens_never_merged(method, depth):
     model.blocks[3].register_forward_pre_hook(lambda m, a: seen.append(a[0][:, 1:4].clone()))
     with torch.no_grad():
         model(images(model))
-    size = fk.timm.get_fpet_patch(model).state.get("size")
+    size = get_fpet_patch(model).state.get("size")
     assert torch.equal(size[:, :4], torch.ones(2, 4))
     if method == "vpt-deep":
         torch.testing.assert_close(seen[0], model.vpt.prompts[3].expand(2, -1, -1))

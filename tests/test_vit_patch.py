@@ -1,4 +1,4 @@
-"""apply_fpet / remove_fpet on timm VisionTransformer models."""
+"""apply_fpet / remove_fpet on timm VisionTransformer models (docs/design.md §2 steps 1-9)."""
 import copy
 import threading
 
@@ -6,24 +6,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
 import fpet_kernels as fk
-from fpet_kernels.benchmark import tokens_per_block
-from fpet_kernels.timm import get_fpet_patch
+from fpet_kernels.backends import get_backend
+from fpet_kernels.tools.benchmark import tokens_per_block
+from fpet_kernels.vit_patch import get_fpet_patch
 
-
-def tiny_vit(**kwargs):
-    """A small timm VisionTransformer: 64x64 input, 8x8 grid of 8-pixel patches, 4 blocks."""
-    config = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
-    config.update(kwargs)
-    torch.manual_seed(0)
-    return VisionTransformer(**config).eval()
-
-
-def images(model, batch=2, seed=0):
-    height, width = model.patch_embed.img_size
-    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+from tests.helpers import assert_close, images, requires_backend, tiny_vit
 
 
 def test_vit_small_197_to_99_tokens_after_block_6():
@@ -252,7 +241,7 @@ def test_unsupported_block_type_is_refused():
         fk.apply_fpet(tiny_vit(block_fn=ParallelScalingBlock))
 
 
-@pytest.mark.parametrize("backend", [b for b in ("reference", "cpp") if b in fk.available_backends()])
+@pytest.mark.parametrize("backend", [pytest.param("reference"), pytest.param("cpp", marks=requires_backend("cpp"))])
 def test_torch_compile_of_a_patched_model(backend):
     model = fk.apply_fpet(fk.add_pet(tiny_vit(global_pool="avg"), "adaptformer"), layer=1, backend=backend)
     compiled = torch.compile(model, backend="aot_eager")
@@ -264,7 +253,7 @@ def test_torch_compile_of_a_patched_model(backend):
     assert model.blocks[1].token_merger.down.weight.grad is not None
 
 
-@pytest.mark.skipif("cpp" not in fk.available_backends(), reason="fpet_kernels._C not built")
+@requires_backend("cpp")
 def test_cpp_backend_matches_reference_in_a_model():
     backend = "cpp"
     x = images(tiny_vit(), batch=3)
@@ -285,3 +274,23 @@ def test_cpp_backend_matches_reference_in_a_model():
     assert grads[backend].keys() == grads["reference"].keys()
     for name, grad in grads["reference"].items():
         torch.testing.assert_close(grads[backend][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@requires_backend("triton")
+@pytest.mark.parametrize("reg_tokens", [0, 2])
+def test_apply_fpet_triton_matches_reference(reg_tokens):
+    triton = get_backend("triton")
+    device = triton.devices[0]
+    outputs, parameter_grads = {}, {}
+    for backend in ("reference", "triton"):
+        model = fk.apply_fpet(tiny_vit(reg_tokens=reg_tokens, img_size=(64, 56)), layer=1, backend=backend)
+        inputs = images(model).to(device)
+        model.to(device)
+        with torch.no_grad():
+            outputs[backend] = model(inputs)
+        model(inputs).square().sum().backward()  # eval mode: no dropout, so both backends see the same function
+        parameter_grads[backend] = {n: p.grad for n, p in model.named_parameters() if "token_merger" in n}
+    assert_close(outputs["triton"], outputs["reference"], triton.forward[torch.float32], "logits")
+    assert parameter_grads["triton"].keys() == parameter_grads["reference"].keys()
+    for name, grad in parameter_grads["reference"].items():
+        assert_close(parameter_grads["triton"][name], grad, triton.grad[torch.float32], name)
