@@ -11,6 +11,7 @@ The checks here read shapes and Python numbers only: no op synchronises with the
 """
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 from typing import Optional, Sequence, Tuple
 
@@ -90,14 +91,26 @@ def _check_index_range(index: torch.Tensor, grid: Checkerboard) -> None:
         torch._assert_async(in_range, message)
 
 
+def _resolved(backend: str, device_type: str) -> str:
+    """The name of the backend that runs ``backend`` for tensors of ``device_type``, its module imported. Runs
+    eagerly under torch.compile too (a constant of the graph): probing imports modules and registers ops."""
+    chosen = resolve_backend(backend, torch.device(device_type))
+    chosen.implementation()
+    return chosen.name
+
+
+# What torch.compiler.assume_constant_result(_resolved) does, without importing torch._dynamo (and triton) here.
+_resolved._dynamo_marked_constant = True
+
+
 def _implementation(backend: str, tensors: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> ModuleType:
     """The module of the backend that runs these tensors (named for the errors; the first one's device decides),
     after checking that the backend takes their dtypes."""
-    chosen = resolve_backend(backend, tensors[0][1].device)
+    chosen = get_backend(_resolved(backend, tensors[0][1].device.type))
     for name, tensor in tensors:
         if tensor is not None and tensor.is_floating_point():
             chosen.check_dtype(name, tensor)
-    return chosen.implementation()
+    return sys.modules[chosen.module]
 
 
 # ---------------------------------------------------------------------------------------------- the ops

@@ -86,7 +86,7 @@ def test_opcheck(namespace, backend, op, variant):
 @pytest.mark.parametrize("namespace,backend", libraries())
 def test_forward_schemas_match_the_contract(namespace, backend):
     """The forward ops are registered with the contract's schemas (``library.SCHEMAS``, word for word the same for
-    ``fpet`` and ``fpet_triton``: ``int`` grid arguments, not inferred ``SymInt``; named ste_match returns)."""
+    ``fpet`` and ``fpet_triton``: ``int`` grid arguments, not inferred ``SymInt``)."""
     if skip_reason("triton") is not None:
         pytest.skip("the contract's schemas are written in fpet_kernels.backends.triton_backend.library (no triton)")
     from fpet_kernels.backends.triton_backend import library

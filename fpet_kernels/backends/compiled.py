@@ -48,8 +48,11 @@ def load_error() -> Optional[str]:
         from .. import _C  # noqa: F401  (the import registers torch.ops.fpet.*)
     except Exception as error:  # a missing or broken build must not break fpet_kernels
         return f"{type(error).__name__}: {error}"
-    _register_fake_kernels()
-    _register_autograd()
+    try:
+        _register_fake_kernels()
+        _register_autograd()
+    except Exception as error:  # a stale build (older sources): its ops differ from these
+        return f"{type(error).__name__}: {error} (fpet_kernels._C was built from other sources; rebuild it)"
     return None
 
 

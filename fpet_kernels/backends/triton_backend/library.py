@@ -32,7 +32,7 @@ NAMESPACE = "fpet_triton"
 SCHEMAS = {
     "refine_keys": "(Tensor metric, Tensor w_down, Tensor w_up, Tensor? keep, float scale, float dropout_p) -> Tensor",
     "checkerboard_similarity": "(Tensor metric, int height, int width, int num_prefix_tokens) -> Tensor",
-    "ste_match": "(Tensor scores) -> (Tensor matching, Tensor index)",
+    "ste_match": "(Tensor scores) -> (Tensor, Tensor)",
     "scatter_mean_merge": "(Tensor x, Tensor? size, Tensor index, int height, int width, int num_prefix_tokens)"
                           " -> (Tensor, Tensor)",
     "scatter_mean_merge_dense": "(Tensor x, Tensor? size, Tensor matching, int height, int width,"
