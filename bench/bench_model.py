@@ -17,7 +17,7 @@ import timm
 import torch
 
 import fpet_kernels as fk
-from fpet_kernels import benchmark
+from fpet_kernels.tools import benchmark
 
 
 def free_halving(model: torch.nn.Module, layer: int) -> torch.nn.Module:
