@@ -32,6 +32,9 @@ __all__ = [
     "backend_cases",
     "skip_reason",
     "requires_backend",
+    "requires_cuda",
+    "backend_marks",
+    "GPU_BACKENDS",
     "backend_device",
     "random_tensor",
     "make_inputs",
@@ -130,10 +133,36 @@ def skip_reason(name: str) -> Optional[str]:
         return f"probing the {name} backend raised {type(error).__name__}: {error}"
 
 
-def requires_backend(name: str):
-    """A mark skipping a test (with the registry's reason) where backend ``name`` cannot run."""
+# Backends whose tests are GPU tests (``pytest -m gpu``, run by bench/gpu_check.py): on a GPU they run compiled
+# kernels; without one they skip (cuda) or run under the Triton interpreter (triton).
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def backend_marks(name: str) -> List[Any]:
+    """The marks of a test of backend ``name``: a skip (with the registry's reason) where it cannot run, and the
+    ``gpu`` marker for the GPU backends."""
     reason = skip_reason(name)
-    return pytest.mark.skipif(reason is not None, reason=f"backend {name!r}: {reason}")
+    marks = [pytest.mark.skipif(reason is not None, reason=f"backend {name!r}: {reason}")]
+    return marks + [pytest.mark.gpu] if name in GPU_BACKENDS else marks
+
+
+def _apply(marks: Sequence[Any]) -> Callable:
+    def decorate(test: Callable) -> Callable:
+        for mark in marks:
+            test = mark(test)
+        return test
+
+    return decorate
+
+
+def requires_backend(name: str) -> Callable:
+    """A decorator giving a test :func:`backend_marks` of ``name``."""
+    return _apply(backend_marks(name))
+
+
+def requires_cuda(reason: str) -> Callable:
+    """A decorator for a test that needs a CUDA device: the ``gpu`` marker, and a skip with ``reason`` without one."""
+    return _apply([pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +247,8 @@ def backend_cases(
         wanted = _per_backend(dtypes, name, _TEST_DTYPES)
         reason = skip_reason(name)
         marks = [pytest.mark.skip(reason=f"backend {name!r}: {reason}")] if reason is not None else []
+        if name in GPU_BACKENDS:
+            marks.append(pytest.mark.gpu)
         if xfail and name in xfail:
             marks.append(pytest.mark.xfail(reason=xfail[name], strict=False))
         for dtype in (d for d in wanted if d in entry.dtypes):

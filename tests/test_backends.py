@@ -27,6 +27,7 @@ from tests.helpers import (
     Shape,
     make_inputs,
     requires_backend,
+    requires_cuda,
     run_python,
     skip_reason,
 )
@@ -113,7 +114,7 @@ def test_unknown_backend():
 
 
 @requires_backend("cpp")
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda("needs a CUDA device")
 def test_cpp_backend_refuses_cuda_tensors():
     with pytest.raises(ValueError, match="runs on cpu tensors"):
         ops.checkerboard_similarity(torch.randn(1, 3, 4, device="cuda"), (1, 2), 1, backend="cpp")

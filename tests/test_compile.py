@@ -13,13 +13,15 @@ from tests.helpers import (
     grads_of,
     leaves,
     make_inputs,
+    backend_marks,
     requires_backend,
+    requires_cuda,
     run_python,
     skip_reason,
 )
 
 SHAPE = Shape(2, 4, 6, 1, 16, 8)
-BACKENDS = [pytest.param("reference"), pytest.param("cpp", marks=requires_backend("cpp"))]
+BACKENDS = [pytest.param("reference"), pytest.param("cpp", marks=backend_marks("cpp"))]
 # AOTAutograd without code generation: it traces forward and backward graphs as inductor does, without inductor's
 # C++ compilation of the reference's graph on CPU (over a minute here).
 COMPILER = "aot_eager"
@@ -95,7 +97,7 @@ print(json.dumps(results))
     assert run_python(code) == {name: True for name in names}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the Triton ops needs a CUDA device")
+@requires_cuda("torch.compile of the Triton ops needs a CUDA device")
 @pytest.mark.parametrize("case", backend_cases(dtypes=(torch.bfloat16,), shapes=[Shape(8, 14, 14, 1, 768, 64)],
                                                backends=("triton",)))
 def test_torch_compile_traces_the_triton_ops(case):

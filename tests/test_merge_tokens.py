@@ -29,6 +29,7 @@ from tests.helpers import (
     leaves,
     make_inputs,
     requires_backend,
+    requires_cuda,
 )
 
 GRIDS = [(1, 2), (2, 2), (3, 5), (5, 3), (7, 7), (14, 14)]
@@ -449,7 +450,7 @@ def test_cpp_autocast_keeps_scores_in_float32():
 
 
 # ---------------------------------------------------------------------------------------------- full size, GPU
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size shapes need a CUDA device")
+@requires_cuda("full-size shapes need a CUDA device")
 @pytest.mark.parametrize("case", backend_cases(
     dtypes=(torch.bfloat16,), shapes=[Shape(64, 14, 14, 1, 768, 64), Shape(64, 16, 16, 1, 1024, 64)],
     backends=("triton",)))

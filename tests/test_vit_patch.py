@@ -12,7 +12,7 @@ from fpet_kernels.backends import get_backend
 from fpet_kernels.tools.benchmark import tokens_per_block
 from fpet_kernels.vit_patch import get_fpet_patch
 
-from tests.helpers import assert_close, images, requires_backend, tiny_vit
+from tests.helpers import assert_close, backend_marks, images, requires_backend, tiny_vit
 
 
 def test_vit_small_197_to_99_tokens_after_block_6():
@@ -241,7 +241,7 @@ def test_unsupported_block_type_is_refused():
         fk.apply_fpet(tiny_vit(block_fn=ParallelScalingBlock))
 
 
-@pytest.mark.parametrize("backend", [pytest.param("reference"), pytest.param("cpp", marks=requires_backend("cpp"))])
+@pytest.mark.parametrize("backend", [pytest.param("reference"), pytest.param("cpp", marks=backend_marks("cpp"))])
 def test_torch_compile_of_a_patched_model(backend):
     model = fk.apply_fpet(fk.add_pet(tiny_vit(global_pool="avg"), "adaptformer"), layer=1, backend=backend)
     compiled = torch.compile(model, backend="aot_eager")

@@ -12,10 +12,24 @@ from typing import List
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton as _torch_wrap_triton
 
 from . import SUPPORTED_DTYPES  # noqa: F401  (defined with the host-side checks; the GPU report reads it here)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``: a launch that ``torch.compile`` traces into. Under the interpreter
+    some torch versions (2.11 among them) refuse interpreted kernels ("wrap_triton only works on functions annotated
+    with triton.jit or triton.autotune"); there the kernel itself is launched (compiling the Triton ops needs a GPU
+    anyway)."""
+    try:
+        return _torch_wrap_triton(kernel)
+    except RuntimeError:
+        if INTERPRET:
+            return kernel
+        raise
 
 
 def autotune_configs(configs: List[triton.Config]) -> List[triton.Config]:

@@ -29,6 +29,7 @@ from .similarity import launch_checkerboard_similarity, launch_checkerboard_simi
 
 NAMESPACE = "fpet_triton"
 # The forward schemas, word for word those of the C++ backend's fpet ops (the backward ops' schemas are inferred).
+# torch <= 2.11's triton_op ignores the schema it is given and infers one, with SymInt for each int argument.
 SCHEMAS = {
     "refine_keys": "(Tensor metric, Tensor w_down, Tensor w_up, Tensor? keep, float scale, float dropout_p) -> Tensor",
     "checkerboard_similarity": "(Tensor metric, int height, int width, int num_prefix_tokens) -> Tensor",

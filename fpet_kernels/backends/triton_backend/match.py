@@ -12,9 +12,8 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ._common import padded
+from ._common import padded, wrap_triton
 
 
 @triton.jit

@@ -20,10 +20,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...geometry import Checkerboard
-from ._common import a_token, autotune_configs, b_token, dot_in_float32, padded, token_to_ab
+from ._common import a_token, autotune_configs, b_token, dot_in_float32, padded, token_to_ab, wrap_triton
 from .match import ste_sigmoid_slope
 from .similarity import a_block_rows, launch_cosine_backward_b, launch_match, store_grad_a, unit_rows
 

@@ -12,10 +12,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...geometry import Checkerboard
-from ._common import a_token, autotune_configs, b_token, padded
+from ._common import a_token, autotune_configs, b_token, padded, wrap_triton
 from .match import row_top2, ste_threshold
 
 _SIMILARITY_CONFIGS = [

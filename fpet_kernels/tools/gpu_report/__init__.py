@@ -37,11 +37,14 @@ from .launches import (
 )
 from .report import TRITON_ARCHS, Report, build_report, main
 from .roofline import (
+    GPU_SPECS,
     ROOFLINE_OPS,
     Call,
     RooflineRow,
+    bound_us,
     execution_trace_calls,
     format_roofline,
+    gpu_spec,
     kernel_launches,
     minimum_traffic,
     profile_calls,
@@ -51,13 +54,14 @@ from .roofline import (
     roofline,
 )
 from .rows import ARCH_LIMITS, ArchLimits, KernelRow, check, format_rows, occupancy_warps
-from .shapes import VIT_B16
+from .shapes import VIT_B16, VIT_L16, Shapes
 
 __all__ = [
-    "ARCH_LIMITS", "ArchLimits", "Call", "KernelRow", "PACKAGE_LAUNCHER", "ROOFLINE_OPS", "Report", "RooflineRow",
-    "TRITON_ARCHS", "TritonJob", "VIT_B16", "build_report", "built_cuda_archs", "check", "compile_triton",
+    "ARCH_LIMITS", "ArchLimits", "Call", "GPU_SPECS", "KernelRow", "PACKAGE_LAUNCHER", "ROOFLINE_OPS", "Report",
+    "RooflineRow", "Shapes", "TRITON_ARCHS", "TritonJob", "VIT_B16", "VIT_L16", "bound_us", "build_report",
+    "built_cuda_archs", "check", "compile_triton",
     "cuda_rows", "defined_kernels", "embedded_archs", "execution_trace_calls", "extension_library", "format_rows",
-    "format_roofline", "job_dtype", "kernel_launches", "launch_package_ops", "main", "max_threads",
+    "format_roofline", "gpu_spec", "job_dtype", "kernel_launches", "launch_package_ops", "main", "max_threads",
     "minimum_traffic", "nvidia_tool", "occupancy_warps", "profile_calls", "profile_reference", "record_launches",
     "reference_traffic", "reference_workload", "resource_usage", "roofline", "sass_counts", "tensor_core_label",
     "triton_jobs",

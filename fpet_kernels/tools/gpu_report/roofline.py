@@ -15,9 +15,22 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .shapes import VIT_B16
+from .shapes import VIT_B16, Shapes
 
 H100_SXM = dict(name="H100 SXM", bandwidth=3.35e12, tensor_flops=989e12, fp32_flops=67e12)
+# Datasheet peaks (DRAM bandwidth, dense bf16 tensor-core and fp32 CUDA-core FLOP/s) of the GPUs the GPU check
+# (bench/gpu_check.py) knows, matched by a substring of torch.cuda.get_device_name(); first match wins.
+GPU_SPECS = (
+    dict(name="H200", bandwidth=4.8e12, tensor_flops=989e12, fp32_flops=67e12),
+    dict(name="H100 PCIe", bandwidth=2.0e12, tensor_flops=756e12, fp32_flops=51e12),
+    dict(H100_SXM, name="H100"),
+    dict(name="A100", bandwidth=2.0e12, tensor_flops=312e12, fp32_flops=19.5e12),
+)
+
+
+def gpu_spec(device_name: str):
+    """The datasheet peaks of the GPU called ``device_name`` (a dict like :data:`H100_SXM`), None if unknown."""
+    return next((dict(spec) for spec in GPU_SPECS if spec["name"].lower() in device_name.lower()), None)
 
 
 @dataclasses.dataclass
@@ -37,15 +50,16 @@ class RooflineRow:
     ref_bound_us: float
 
 
-def _bound_us(nbytes: float, tensor_flops: float, fp32_flops: float, gpu=H100_SXM) -> float:
+def bound_us(nbytes: float, tensor_flops: float, fp32_flops: float, gpu=H100_SXM) -> float:
     """max(bytes / bandwidth, tensor FLOPs / tensor peak, fp32 FLOPs / fp32 peak), in microseconds."""
     return 1e6 * max(nbytes / gpu["bandwidth"], tensor_flops / gpu["tensor_flops"], fp32_flops / gpu["fp32_flops"])
 
 
-def minimum_traffic(op: str, batch: int, element: int = 2) -> Tuple[int, int, int]:
-    """(bytes, tensor-core FLOPs, fp32 FLOPs) an ideal fused kernel of ``op`` needs at ViT-B/16 shapes, ``element``
-    bytes per x/metric element; sizes, scores and thresholds float32, indices int64 (as the Triton backend)."""
-    s = VIT_B16
+def minimum_traffic(op: str, batch: int, element: int = 2, shapes: Shapes = VIT_B16) -> Tuple[int, int, int]:
+    """(bytes, tensor-core FLOPs, fp32 FLOPs) an ideal fused kernel of ``op`` needs at ``shapes`` (default
+    ViT-B/16), ``element`` bytes per x/metric element; sizes, scores and thresholds float32, indices int64 (as the
+    Triton backend)."""
+    s = shapes
     n, c, dh, d = s.tokens, s.channels, s.head_dim, s.refine_dim
     na, nb = s.grid.num_a, s.grid.num_b
     x, merged, metric = batch * n * c * element, batch * nb * c * element, batch * n * dh * element
@@ -61,11 +75,15 @@ def minimum_traffic(op: str, batch: int, element: int = 2) -> Tuple[int, int, in
         return scores + scores + batch * na * 8, 0, 6 * batch * na * nb
     if op == "scatter_mean_merge":
         return x + batch * na * 8 + merged + batch * nb * 4, 0, merge_flops
+    if op == "scatter_mean_merge_dense":  # the float matching [B, NA, NB] in x's dtype; M^T (s_A x_A) a GEMM
+        gemm = 2 * batch * na * nb * c
+        tensor = gemm if element == 2 else 0
+        return x + batch * na * nb * element + merged + batch * nb * 4, tensor, merge_flops + gemm - tensor
     if op in ("merge_tokens fwd", "merge_tokens no-grad"):
         state = match_state if op == "merge_tokens fwd" else 0
         return x + metric + merged + batch * nb * 4 + state, 0, sim_flops + merge_flops
     if op == "merge_tokens fwd+bwd":
-        forward, _, forward_flops = minimum_traffic("merge_tokens fwd", batch, element)
+        forward, _, forward_flops = minimum_traffic("merge_tokens fwd", batch, element, shapes)
         # backward reads g, h, x, metric and the match state; writes dL/dx and dL/dmetric.
         backward = merged + batch * nb * 4 + x + metric + match_state + x + metric
         gemm = 2 * batch * na * nb * c  # X_A G^T: 16-bit operands on tensor cores
@@ -75,8 +93,8 @@ def minimum_traffic(op: str, batch: int, element: int = 2) -> Tuple[int, int, in
     raise ValueError(f"unknown op {op!r}")
 
 
-ROOFLINE_OPS = ("refine_keys", "checkerboard_similarity", "ste_match", "scatter_mean_merge", "merge_tokens fwd",
-                "merge_tokens fwd+bwd", "merge_tokens no-grad")
+ROOFLINE_OPS = ("refine_keys", "checkerboard_similarity", "ste_match", "scatter_mean_merge",
+                "scatter_mean_merge_dense", "merge_tokens fwd", "merge_tokens fwd+bwd", "merge_tokens no-grad")
 
 
 @dataclasses.dataclass
@@ -229,6 +247,9 @@ def reference_workload(op: str, batch: int, dtype=None):
     if op == "scatter_mean_merge":
         index = torch.randint(0, nb, (batch, na), generator=gen)
         return lambda: ref.scatter_mean_merge(x, None, index, grid, prefix)
+    if op == "scatter_mean_merge_dense":
+        matching = torch.nn.functional.one_hot(torch.randint(0, nb, (batch, na), generator=gen), nb).to(dtype)
+        return lambda: ref.scatter_mean_merge_dense(x, None, matching, grid, prefix)
     if op == "merge_tokens fwd":
         return merge
     if op == "merge_tokens fwd+bwd":
@@ -301,8 +322,8 @@ def roofline(batches: Sequence[int] = (1, 64, 256)) -> List[RooflineRow]:
         for batch in batches:
             nbytes, tensor, fp32 = minimum_traffic(op, batch)
             launches, ref_bytes = reference_traffic(op, batch)
-            rows.append(RooflineRow(op, batch, nbytes, tensor, fp32, _bound_us(nbytes, tensor, fp32),
-                                    ref_bytes, launches, _bound_us(ref_bytes, tensor, fp32)))
+            rows.append(RooflineRow(op, batch, nbytes, tensor, fp32, bound_us(nbytes, tensor, fp32),
+                                    ref_bytes, launches, bound_us(ref_bytes, tensor, fp32)))
     return rows
 
 

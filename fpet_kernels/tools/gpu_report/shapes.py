@@ -1,4 +1,4 @@
-"""The shapes every part of the report works at: ViT-B/16 at 224x224 (docs/design.md §2 defaults)."""
+"""The shapes the report works at: ViT-B/16 at 224x224 (docs/design.md §2 defaults); ViT-L/16 for the GPU check."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,3 +23,5 @@ class Shapes:
 
 
 VIT_B16 = Shapes()
+# ViT-L/16 at 224x224: a 16x16 grid (256 patches), C = 1024, Dh = 64.
+VIT_L16 = Shapes(Checkerboard(16, 16, 1), channels=1024)
