@@ -175,7 +175,8 @@ def _op_tensors(shape, batch: int, dtype, device: str) -> Dict[str, Any]:
     gen = torch.Generator(device=device).manual_seed(5)
     t["scores"] = scores
     t["index"] = torch.randint(0, grid.num_b, (batch, grid.num_a), generator=gen, device=device)
-    t["matching"] = torch.softmax(torch.randn(batch, grid.num_a, grid.num_b, generator=gen, device=device), -1).to(dtype)
+    logits = torch.randn(batch, grid.num_a, grid.num_b, generator=gen, device=device)
+    t["matching"] = torch.softmax(logits, -1).to(dtype)
     return t
 
 
@@ -382,7 +383,8 @@ def part_tests(args, plan: Optional[Plan], clock: Clock) -> Dict[str, Any]:
         if "::" in line:
             files[line.split("::")[0]] = files.get(line.split("::")[0], 0) + 1
     if not files:
-        raise PartFailed("pytest collected no test marked gpu", dict(output_tail=_tail(collected.stdout + collected.stderr)))
+        raise PartFailed("pytest collected no test marked gpu",
+                         dict(output_tail=_tail(collected.stdout + collected.stderr)))
     shards = _shards(files, min(8, os.cpu_count() or 1))
     running = []
     for k, shard in enumerate(shards):
@@ -830,7 +832,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def markdown(summary: Dict[str, Any]) -> str:
     parts = summary["parts"]
-    lines = [f"# GPU check{' (dry run on CPU: tiny shapes, cpp in place of cuda, Triton interpreted)' if summary['dry_run'] else ''}",
+    dry = " (dry run on CPU: tiny shapes, cpp in place of cuda, Triton interpreted)" if summary["dry_run"] else ""
+    lines = [f"# GPU check{dry}",
              "", f"Total {summary['total_s']:.0f} s (budget {summary['budget_s']} s).", "",
              "| part | status | seconds | note |", "|---|---|---|---|"]
     for name, record in parts.items():
@@ -876,7 +879,8 @@ def markdown(summary: Dict[str, Any]) -> str:
                          f"{_fmt(r.get('no-grad_max_abs'))} | {_fmt(r.get('tol_use'))} | "
                          f"{'yes' if r['ok'] else 'NO ' + r.get('error', '')} {r.get('note', '')} |")
         lines.append(f"\n{correct.get('cases')} cases, {correct.get('failed')} failed, "
-                     f"{correct.get('cut_for_time')} cut for time; skipped backends: {correct.get('skipped') or 'none'}")
+                     f"{correct.get('cut_for_time')} cut for time; "
+                     f"skipped backends: {correct.get('skipped') or 'none'}")
     timing = (parts.get("op_timing") or {}).get("result") or {}
     if timing.get("rows"):
         backends = list(dict.fromkeys(r["backend"] for r in timing["rows"]))
@@ -906,11 +910,14 @@ def markdown(summary: Dict[str, Any]) -> str:
     model = (parts.get("model") or {}).get("result") or {}
     if model.get("eval"):
         lines += ["", "## Model", "", f"timm VisionTransformer {model['config']} in {model['dtype']}, random init.",
-                  "", "| variant | merge backend | img/s | speedup | batch-1 p50 ms | p90 ms |", "|---|---|---|---|---|---|"]
+                  "", "| variant | merge backend | img/s | speedup | batch-1 p50 ms | p90 ms |",
+                  "|---|---|---|---|---|---|"]
         for name, e in model["eval"].items():
             lines.append(f"| {name} | {e.get('merge_backend', '-')} | {_fmt(e.get('img_per_s'), 4)} | "
-                         f"{_fmt(e.get('speedup'))} | {_fmt(e.get('latency_p50_ms'))} | {_fmt(e.get('latency_p90_ms'))} |")
-        lines += ["", "| training step | batch | trainable params | ms | max memory allocated GB |", "|---|---|---|---|---|"]
+                         f"{_fmt(e.get('speedup'))} | {_fmt(e.get('latency_p50_ms'))} | "
+                         f"{_fmt(e.get('latency_p90_ms'))} |")
+        lines += ["", "| training step | batch | trainable params | ms | max memory allocated GB |",
+                  "|---|---|---|---|---|"]
         for name, e in model.get("train", {}).items():
             if isinstance(e, dict):
                 lines.append(f"| {name} | {e['batch']} | {e['trainable_params']} | {_fmt(e.get('step_ms'))} | "

@@ -70,7 +70,9 @@ class FPETPatch:
         """timm ``Block.forward`` with the token merge between the attention residual and the MLP."""
         block = self.vit.blocks[self.layer]
         self.state.set("metric", None)
-        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        # is_causal is passed only when set: timm < 1.0.26's Attention.forward has no such argument.
+        causal = {"is_causal": True} if is_causal else {}
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=attn_mask, **causal)))
         metric = self.state.pop("metric")
         if metric is None:
             raise RuntimeError(

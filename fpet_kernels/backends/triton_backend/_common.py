@@ -22,12 +22,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def wrap_triton(kernel):
     """``torch.library.wrap_triton(kernel)``: a launch that ``torch.compile`` traces into. Under the interpreter
     some torch versions (2.11 among them) refuse interpreted kernels ("wrap_triton only works on functions annotated
-    with triton.jit or triton.autotune"); there the kernel itself is launched (compiling the Triton ops needs a GPU
-    anyway)."""
+    with triton.jit or triton.autotune"), and every torch refuses the stand-in of :func:`autotune`; there the kernel
+    itself is launched (torch.compile of the Triton ops needs a GPU anyway)."""
     try:
         return _torch_wrap_triton(kernel)
     except RuntimeError:
-        if INTERPRET:
+        if INTERPRET or getattr(kernel, "_fpet_autotune_stand_in", False):  # see autotune()
             return kernel
         raise
 
@@ -35,6 +35,28 @@ def wrap_triton(kernel):
 def autotune_configs(configs: List[triton.Config]) -> List[triton.Config]:
     """All configs on a GPU; the first one only under the interpreter (it cannot time kernels)."""
     return configs[:1] if INTERPRET else configs
+
+
+def autotune(configs: List[triton.Config], key: List[str]):
+    """``triton.autotune`` over :func:`autotune_configs`. Without a GPU driver, triton < 3.4 cannot build an Autotuner
+    at all ("0 active drivers"; under the interpreter, or when the GPU report compiles for GPU targets on a CPU
+    machine): there the first config's meta-parameters are bound with ``triton.heuristics`` instead (what a
+    one-config autotuner passes), and its ``configs`` attribute lists the configs for the GPU report."""
+
+    def decorate(fn):
+        try:
+            return triton.autotune(configs=autotune_configs(configs), key=key)(fn)
+        except RuntimeError as error:
+            if "active driver" not in str(error):
+                raise
+            first = configs[0]
+            values = {name: (lambda args, value=value: value) for name, value in first.kwargs.items()}
+            bound = triton.heuristics(values)(fn)
+            bound.configs = autotune_configs(configs)
+            bound._fpet_autotune_stand_in = True  # wrap_triton refuses it: launched directly (no GPU here)
+            return bound
+
+    return decorate
 
 
 def padded(n: int, minimum: int = 16) -> int:

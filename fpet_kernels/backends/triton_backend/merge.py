@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ...geometry import Checkerboard
-from ._common import a_token, autotune_configs, b_token, dot_in_float32, padded, token_to_ab, wrap_triton
+from ._common import a_token, autotune, b_token, dot_in_float32, padded, token_to_ab, wrap_triton
 from .match import ste_sigmoid_slope
 from .similarity import a_block_rows, launch_cosine_backward_b, launch_match, store_grad_a, unit_rows
 
@@ -136,7 +136,7 @@ _DENSE_CONFIGS = [
 ]
 
 
-@triton.autotune(configs=autotune_configs(_DENSE_CONFIGS), key=["NA", "NB", "C"])
+@autotune(_DENSE_CONFIGS, key=["NA", "NB", "C"])
 @triton.jit
 def _scatter_mean_merge_dense_kernel(
     x_ptr, size_ptr, matching_ptr, out_ptr, out_size_ptr,
@@ -312,7 +312,7 @@ def a_rows_of_program(pid_a, batch, NA, width, num_prefix, size_ptr, stride_sb, 
     return offs_a, a_mask, tokens_a, s_a
 
 
-@triton.autotune(configs=autotune_configs(_DENSE_BWD_CONFIGS), key=["NB", "C", "BLOCK_A", "DOT_FP32"])
+@autotune(_DENSE_BWD_CONFIGS, key=["NB", "C", "BLOCK_A", "DOT_FP32"])
 @triton.jit
 def _scatter_mean_merge_dense_bwd_kernel(
     x_ptr, size_ptr, matching_ptr, grad_merged_ptr, merged_size_ptr, q_ptr,
@@ -367,7 +367,7 @@ def _scatter_mean_merge_dense_bwd_kernel(
                  (s_a[:, None] * grad_x).to(grad_x_ptr.dtype.element_ty), mask=a_mask[:, None] & c_mask[None, :])
 
 
-@triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=["NB", "C", "BLOCK_A", "BLOCK_D", "DOT_FP32"])
+@autotune(_BWD_CONFIGS, key=["NB", "C", "BLOCK_A", "BLOCK_D", "DOT_FP32"])
 @triton.jit
 def _merge_tokens_bwd_kernel(
     x_ptr, size_ptr, metric_ptr, grad_merged_ptr, merged_size_ptr, q_ptr,

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ...geometry import Checkerboard
-from ._common import a_token, autotune_configs, b_token, padded, wrap_triton
+from ._common import a_token, autotune, b_token, padded, wrap_triton
 from .match import row_top2, ste_threshold
 
 _SIMILARITY_CONFIGS = [
@@ -45,7 +45,7 @@ def _merge_top2(v1, i1, v2, i2, bv1, bi1, bv2, bi2):
     return new_v1, new_i1, new_v2, new_i2
 
 
-@triton.autotune(configs=autotune_configs(_SIMILARITY_CONFIGS), key=["NA", "NB", "BLOCK_D"])
+@autotune(_SIMILARITY_CONFIGS, key=["NA", "NB", "BLOCK_D"])
 @triton.jit
 def _checkerboard_similarity_kernel(
     metric_ptr, scores_ptr, index_ptr, top2_ptr, threshold_ptr,

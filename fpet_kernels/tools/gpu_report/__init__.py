@@ -33,6 +33,7 @@ from .launches import (
     job_dtype,
     launch_package_ops,
     record_launches,
+    triton_compile_unavailable,
     triton_jobs,
 )
 from .report import TRITON_ARCHS, Report, build_report, main
@@ -64,5 +65,5 @@ __all__ = [
     "format_roofline", "gpu_spec", "job_dtype", "kernel_launches", "launch_package_ops", "main", "max_threads",
     "minimum_traffic", "nvidia_tool", "occupancy_warps", "profile_calls", "profile_reference", "record_launches",
     "reference_traffic", "reference_workload", "resource_usage", "roofline", "sass_counts", "tensor_core_label",
-    "triton_jobs",
+    "triton_compile_unavailable", "triton_jobs",
 ]

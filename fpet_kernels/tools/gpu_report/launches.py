@@ -31,7 +31,7 @@ def record_launches():
     """Within the block, every Triton kernel launch (``kernel[grid](...)``) is recorded as ``(kernel, args,
     kwargs)`` in the yielded list instead of running. The launchers only need the outputs' shapes, which torch
     allocates before the launch, so the ops run to completion (with garbage values) on CPU tensors."""
-    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -40,15 +40,19 @@ def record_launches():
     def run(self, *args, **kwargs):
         launches.append((self, args, kwargs))
 
-    classes = (Autotuner, JITFunction, InterpretedFunction)
-    saved = [cls.__dict__["run"] for cls in classes]
+    # Heuristics: the stand-in for an Autotuner where triton < 3.4 has no GPU driver (triton_backend._common.autotune)
+    classes = (Autotuner, Heuristics, JITFunction, InterpretedFunction)
+    saved = [cls.__dict__.get("run") for cls in classes]  # None: inherited (e.g. triton 3.3's InterpretedFunction)
     for cls in classes:
         cls.run = run
     try:
         yield launches
     finally:
         for cls, original in zip(classes, saved):
-            cls.run = original
+            if original is None:
+                del cls.run
+            else:
+                cls.run = original
 
 
 def launch_package_ops() -> None:
@@ -152,10 +156,25 @@ def kernel_name(kernel) -> str:
     return f"{fn.__module__}:{fn.__name__}"
 
 
+def triton_compile_unavailable() -> Optional[str]:
+    """Why this triton cannot bind and compile the recorded launches for GPU targets (None when it can): the report
+    goes through triton's own launch binder, internals that triton 3.3 does not have (works with 3.6 and 3.8)."""
+    import triton
+    from triton.runtime import jit
+
+    if hasattr(jit, "create_function_from_signature") and hasattr(jit.JITFunction, "_pack_args"):
+        return None
+    return (f"the GPU report binds Triton launches with triton's internal binder, which triton {triton.__version__} "
+            "lacks; it needs triton >= 3.6")
+
+
 def triton_jobs(launches, archs: Sequence[int], all_configs: bool = True,
                 dtypes: Optional[Sequence[str]] = None) -> List[TritonJob]:
     """Bind every recorded launch for every arch and autotune config with Triton's own specialisation (the code
     ``JITFunction.run`` calls), deduplicated; only builds whose :func:`job_dtype` is in ``dtypes`` if given."""
+    reason = triton_compile_unavailable()
+    if reason is not None:
+        raise RuntimeError(reason)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .cubin import DEFAULT_BLOCK_THREADS, built_cuda_archs, cuda_rows, embedded_archs, extension_library
-from .launches import PACKAGE_LAUNCHER, compile_triton, defined_kernels, kernel_name, record_launches, triton_jobs
+from .launches import (PACKAGE_LAUNCHER, compile_triton, defined_kernels, kernel_name, record_launches,
+                       triton_compile_unavailable, triton_jobs)
 from .roofline import format_roofline, roofline
 from .rows import KernelRow, check, format_rows
 
@@ -149,6 +150,10 @@ def main(args: argparse.Namespace) -> int:
         model = roofline()
         print(json.dumps([dataclasses.asdict(r) for r in model]) if args.json else format_roofline(model))
         return 0
+    reason = triton_compile_unavailable()
+    if reason is not None:
+        print(f"fpet gpu-report: {reason}", file=sys.stderr)
+        return 2
     report = build_report(args.launcher, args.triton_archs, args.cuda_archs, not args.first_config,
                           not args.no_cuda, args.jobs, args.dtypes)
     problems = report.problems()
