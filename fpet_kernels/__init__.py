@@ -19,6 +19,7 @@ from .ops import (
 from .pet import PET_METHODS, add_pet, mark_trainable
 from .version import __version__
 from .vit_patch import apply_fpet, remove_fpet
+from .checkpoint import fold_pet, load_pet, read_pet_checkpoint, remove_pet, save_pet
 
 __all__ = [
     "__version__",
@@ -37,4 +38,9 @@ __all__ = [
     "PET_METHODS",
     "add_pet",
     "mark_trainable",
+    "save_pet",
+    "load_pet",
+    "read_pet_checkpoint",
+    "fold_pet",
+    "remove_pet",
 ]

@@ -2,7 +2,8 @@
 
 ``add_pet(model, method, **hparams)`` adds one method in place; ``mark_trainable(model)`` freezes everything but
 the PET parameters, the FPET refinement adapter and the classifier head. Methods wrap or hook timm's own modules,
-so they compose with :func:`fpet_kernels.apply_fpet` in either order.
+so they compose with :func:`fpet_kernels.apply_fpet` in either order. Each call is recorded on the ViT
+(:func:`pet_config`), so :mod:`fpet_kernels.checkpoint` can rebuild the same model from a fresh backbone.
 
 | method | what is added | defaults |
 |---|---|---|
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch.nn as nn
 
@@ -32,6 +33,8 @@ __all__ = [
     "PET_METHODS",
     "add_pet",
     "mark_trainable",
+    "pet_config",
+    "pet_parameters",
     "binarize",
     "QuantLinear",
     "LoRAQKV",
@@ -50,6 +53,7 @@ PET_METHODS: Dict[str, Dict[str, Any]] = {
 }
 _ADAPTER_NAME = "adaptformer"
 _PROMPTS_NAME = "vpt"
+_CONFIG_ATTR = "_fpet_pet_config"  # on the ViT: one {"method", "hparams"} per add_pet call, in call order
 
 
 def add_pet(model: nn.Module, method: str, **hparams: Any) -> nn.Module:
@@ -80,7 +84,15 @@ def add_pet(model: nn.Module, method: str, **hparams: Any) -> nn.Module:
             block.drop_path2.register_forward_hook(adapter.add_branch)
     elif method.startswith("vpt"):
         _add_prompts(vit, config, deep=method == "vpt-deep")
+    vit.__dict__.setdefault(_CONFIG_ATTR, []).append({"method": method, "hparams": dict(config)})
     return model
+
+
+def pet_config(model: nn.Module) -> List[Dict[str, Any]]:
+    """The PET methods added to the model's ViT by :func:`add_pet`, in call order: a list of
+    ``{"method": name, "hparams": {...}}`` with every hyper-parameter (defaults filled in); ``[]`` if none."""
+    vit = find_vision_transformer(model)
+    return [{"method": r["method"], "hparams": dict(r["hparams"])} for r in getattr(vit, _CONFIG_ATTR, [])]
 
 
 def _add_prompts(vit: nn.Module, config: Dict[str, Any], deep: bool) -> None:
@@ -105,17 +117,30 @@ def mark_trainable(model: nn.Module) -> int:
     refinement adapter and the classifier head(s); return the number of trainable parameters.
 
     Trainable parts are found by their marker: a module class with ``fpet_trainable = True`` (AdaptFormer, visual
-    prompts, the TokenMerger) trains whole; LoRA weights by their ``lora_`` names (ours and peft's)."""
-    vit = find_vision_transformer(model)
+    prompts, the TokenMerger) trains whole; LoRA weights by their ``lora_`` names (ours and peft's). The set is
+    :func:`pet_parameters`."""
     model.requires_grad_(False)
+    for param in pet_parameters(model).values():
+        param.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def pet_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The parameters :func:`mark_trainable` trains, by their names in ``model.named_parameters()``: those of
+    modules marked ``fpet_trainable = True``, those named ``lora_*`` and those of the ViT's ``head`` /
+    ``head_dist``. Only the model's structure decides; ``requires_grad`` flags are not read."""
+    vit = find_vision_transformer(model)
+    chosen = set()
     for module in model.modules():
         if getattr(module, "fpet_trainable", False):
-            module.requires_grad_(True)
-    for name, param in model.named_parameters():
-        if "lora_" in name:  # ours (lora_a_q, ...) and peft's (lora_A, lora_B, ...)
-            param.requires_grad_(True)
+            chosen.update(id(p) for p in module.parameters())
     for head_name in ("head", "head_dist"):
         head = getattr(vit, head_name, None)
         if isinstance(head, nn.Module):
-            head.requires_grad_(True)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+            chosen.update(id(p) for p in head.parameters())
+    return {
+        name: param
+        for name, param in model.named_parameters()
+        # "lora_": ours (lora_a_q, ...) and peft's (lora_A, lora_B, ...)
+        if id(param) in chosen or "lora_" in name
+    }
