@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import json
 import sys
 from typing import List, Optional, Sequence
 
@@ -11,6 +13,7 @@ import torch
 from .backends import BACKENDS, resolve_backend
 from .pet import add_pet
 from .tools import benchmark
+from .vit import find_vision_transformer
 from .vit_patch import apply_fpet, get_fpet_patch
 
 
@@ -92,9 +95,352 @@ def _img_size(text: str) -> List[int]:
     return parts
 
 
+# ---------------------------------------------------------------------------------------------- train / eval / data
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an int >= ``minimum``, else an error naming ``what`` was expected."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} (an int >= {minimum}), got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: Optional[float], what: str, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite float in the given range, else an error naming ``what`` was expected."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        ok = value is not None and value == value and value not in (float("inf"), float("-inf"))
+        ok = ok and (value > low if low_open else value >= low)
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _sizes(text: str) -> List[int]:
+    """An argparse type: ``TRAIN,VAL,TEST`` image counts of a pocket-VTAB task."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected three positive image counts TRAIN800,VAL200,TEST like 800,200,500, got {text!r}"
+        )
+    return sizes
+
+
+def _flag(field: str) -> str:
+    """The command-line flag of a TrainConfig field or evaluate() parameter."""
+    return "--" + field.replace("_", "-")
+
+
+def _config_error(prog: str, error) -> int:
+    """Print a ConfigError as the one line ``fpet <command>: error: argument --flag: message``; return 2."""
+    print(f"{prog}: error: argument {_flag(error.field)}: {error.message}", file=sys.stderr)
+    return 2
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`fpet train`: one fine-tuning run (fpet_kernels.train.train) from the parsed flags; 2 for a bad argument."""
+    from .train import ConfigError, TrainConfig, train
+
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    values["progress"] = not args.no_progress
+    try:
+        train(TrainConfig(**values))
+    except ConfigError as error:
+        return _config_error("fpet train", error)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`fpet eval`: accuracy and eval throughput of a PET checkpoint (fpet_kernels.train.evaluate), one line or
+    --json; 2 for a bad argument."""
+    from .train import ConfigError, evaluate
+
+    try:
+        result = evaluate(
+            args.pet_checkpoint, args.data, model=args.model, checkpoint=args.checkpoint, split=args.split,
+            batch_size=args.batch_size, seed=args.seed, threads=args.threads, backend=args.backend,
+            throughput_runs=args.throughput_runs, progress=not args.no_progress,
+        )
+    except ConfigError as error:
+        return _config_error("fpet eval", error)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    rate = result["eval_img_per_s"]
+    rate_text = "" if rate is None else f"; eval {rate:.1f} img/s at batch {result['eval_batch']}, " \
+        f"{result['threads']} thread(s)"
+    print(
+        f"{result['split']} accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['total']})"
+        f"{rate_text}; {result['gflops_per_image']:.4f} GFLOPs/img; PET {'+'.join(result['pet']) or '-'}"
+        f"{' + FPET (' + str(result['merge_backend']) + ')' if result['fpet'] else ''}"
+    )
+    return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """`fpet data`: the pocket-VTAB task table (--list) or generate tasks into the cache (--generate)."""
+    from .data import get_task, list_tasks, pocket_vtab_dir
+
+    if args.list:
+        tasks = list_tasks()
+        width = max(len(task.name) for task in tasks)
+        header = f"{'task':<{width}}  {'group':<11}  {'classes':>7}  description"
+        print(header)
+        print("-" * len(header))
+        for task in tasks:
+            print(f"{task.name:<{width}}  {task.group:<11}  {task.num_classes:>7}  {task.description}")
+        return 0
+    if args.generate == "all":
+        names = [task.name for task in list_tasks()]
+    else:
+        try:
+            names = [get_task(args.generate).name]
+        except ValueError as error:
+            print(f"fpet data: error: argument --generate: {error} (or 'all')", file=sys.stderr)
+            return 2
+    for name in names:
+        try:
+            path = pocket_vtab_dir(name, root=args.root, seed=args.seed, sizes=args.sizes,
+                                   progress=not args.no_progress)
+        except (FileExistsError, OSError) as error:
+            print(f"fpet data: error: {error}", file=sys.stderr)
+            return 2
+        print(f"{name}: {path}")
+    return 0
+
+
+def run_visualize(args: argparse.Namespace) -> int:
+    """`fpet visualize`: the merge groups of one image drawn over it (fpet_kernels.visualize), for a trained model
+    (--pet-checkpoint) or an untrained FPET one (the backbone patched with apply_fpet at --layer)."""
+    import os
+
+    from .train import ConfigError, _build_backbone, load_trained
+    from .visualize import visualize
+
+    if not os.path.isfile(args.image):
+        print(f"fpet visualize: error: argument IMAGE: no image file {args.image!r}", file=sys.stderr)
+        return 2
+    try:
+        if args.pet_checkpoint:
+            model = load_trained(args.pet_checkpoint, model=args.model, checkpoint=args.checkpoint, seed=args.seed)
+        else:
+            model = _build_backbone(args.model, 0, args.checkpoint, args.img_size, args.seed)
+            depth = len(find_vision_transformer(model).blocks)
+            if args.layer is not None and not 0 <= args.layer < depth:
+                raise ConfigError("layer",
+                                  f"expected a merge block in [0, {depth}) for {args.model}, got {args.layer}")
+            apply_fpet(model, args.layer)
+    except ConfigError as error:
+        return _config_error("fpet visualize", error)
+    if get_fpet_patch(model) is None:
+        print(f"fpet visualize: error: argument --pet-checkpoint: {args.pet_checkpoint} was trained without FPET: "
+              "there is no merge to draw", file=sys.stderr)
+        return 2
+    try:
+        info = visualize(args.image, model.eval(), args.out)
+    except OSError as error:  # an unreadable image, an unwritable output
+        print(f"fpet visualize: error: {error}", file=sys.stderr)
+        return 2
+    before, after = info["tokens"]
+    print(f"{args.out}: {info['output_size'][0]}x{info['output_size'][1]} px; {before} -> {after} tokens; "
+          f"{info['merged_groups']} of {info['groups']} B patches received A patches, the largest group has "
+          f"{info['largest_group']} patches")
+    return 0
+
+
+def _add_visualize_parser(commands) -> None:
+    from .models import MODEL_HELP
+
+    parser = commands.add_parser(
+        "visualize",
+        one_line_errors=True,
+        help="draw the merge groups of an image: each B patch and the A patches merged into it share a colour",
+        description="Run one image through an FPET model and save it with the merge groups drawn over it (each B patch "
+        "and the A patches merged into it share one colour; thin lines between groups). The model is a trained one "
+        "(--pet-checkpoint, as written by fpet train) or, without it, the backbone patched with FPET untrained.",
+    )
+    parser.add_argument("image", metavar="IMAGE", help="an image file (resized to the model's input size)")
+    parser.add_argument("--model", default="pocket-vit", help=MODEL_HELP)
+    parser.add_argument("--checkpoint", default=None, help="local timm weights for --model")
+    parser.add_argument("--pet-checkpoint", default=None,
+                        help="a PET checkpoint written by fpet train (pet.safetensors)")
+    parser.add_argument("--img-size", type=_img_size, default=None, help="input size for a timm --model (SIZE or HxW)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="merge block without --pet-checkpoint (default depth // 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random-init backbone (as in fpet train)")
+    parser.add_argument("--out", default="merge.png", help="output PNG (default merge.png)")
+    parser.set_defaults(func=run_visualize)
+
+
+def _add_train_parser(commands) -> None:
+    """The `fpet train` subcommand; flag defaults are read from TrainConfig, so the help shows the real ones."""
+    from .data.spec import SPEC_FORMS
+    from .models import MODEL_HELP
+    from .pet import PET_METHODS
+    from .train import TrainConfig
+
+    default = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    train = commands.add_parser(
+        "train",
+        one_line_errors=True,
+        help="fine-tune a ViT with a PET method (+ FPET) on a data set and write the PET checkpoint, a log and results",
+        description="Fine-tune a ViT on CPU: only the PET parameters, the FPET refinement adapter and the classifier "
+        "head train (the trainable-parameter count is printed). Trains on train800 and reports the val200 accuracy "
+        "after every epoch (--final: trains on train800val200, no validation), then the test accuracy. Recipe: AdamW, "
+        "cosine schedule after a linear warm-up, cross-entropy. Writes to --out: config.json, log.jsonl (one line "
+        "per epoch: epoch, train_loss, train_acc, val_acc, lr, seconds, img_per_s, peak_rss_mib, start_rss_mib, "
+        "val_seconds), pet.safetensors (for `fpet eval`) and results.json (accuracies, eval throughput, trainable "
+        "parameters, GFLOPs per image, times, peak memory). The same arguments and thread count give the same "
+        "pet.safetensors. Peak memory is the process's peak RSS during each epoch's training steps (VmHWM, reset "
+        "per epoch through /proc/self/clear_refs).",
+    )
+    train.add_argument("--data", required=True, metavar="SPEC", help=f"data set: {', '.join(SPEC_FORMS)}")
+    train.add_argument("--model", default=default["model"], help=f"backbone: {MODEL_HELP} (default: %(default)s)")
+    train.add_argument("--checkpoint", default=None, metavar="PATH",
+                       help="local timm weights for a timm --model (default: random init)")
+    train.add_argument("--img-size", type=_int_at_least(1, "an image side in pixels"), default=None, metavar="SIZE",
+                       help="input side in pixels; images are resized to SIZExSIZE (default: the model's own)")
+    train.add_argument("--pet", default=default["pet"], choices=list(PET_METHODS),
+                       help="PET method with its default hyper-parameters; linear = linear probe, the head only "
+                       "(default: %(default)s)")
+    train.add_argument("--fpet", action=argparse.BooleanOptionalAction, default=default["fpet"],
+                       help="FPET token merging (default: on)")
+    train.add_argument("--layer", type=_int_at_least(0, "a block index"), default=None,
+                       help="FPET merge block (default: depth // 2)")
+    train.add_argument("--refine-dim", type=_int_at_least(0, "a width"), default=default["refine_dim"],
+                       help="FPET key refinement width; 0 disables it (default: %(default)s)")
+    train.add_argument("--refine-bits", type=int, choices=(1, 32), default=default["refine_bits"],
+                       help="FPET refinement weights: 1-bit or 32-bit (default: %(default)s)")
+    train.add_argument("--refine-scale", type=_float_in(float("-inf"), None, "a finite number"),
+                       default=default["refine_scale"], help="FPET refinement scale (default: %(default)s)")
+    train.add_argument("--refine-dropout", type=_float_in(0.0, 1.0, "a probability in [0, 1)", high_open=True),
+                       default=default["refine_dropout"], help="FPET refinement dropout (default: %(default)s)")
+    train.add_argument("--backend", default=default["backend"], choices=BACKENDS,
+                       help="FPET kernel backend (default: %(default)s)")
+    train.add_argument("--epochs", type=_int_at_least(1, "an epoch count"), default=default["epochs"],
+                       help="training epochs (default: %(default)s)")
+    train.add_argument("--lr", type=_float_in(0.0, None, "a learning rate > 0", low_open=True),
+                       default=default["lr"], help="AdamW peak learning rate (default: %(default)s)")
+    train.add_argument("--weight-decay", type=_float_in(0.0, None, "a weight decay >= 0"),
+                       default=default["weight_decay"], help="AdamW weight decay (default: %(default)s)")
+    train.add_argument("--warmup-epochs", type=_float_in(0.0, None, "a number of epochs >= 0"),
+                       default=default["warmup_epochs"],
+                       help="linear warm-up epochs before the cosine decay, at most --epochs (default: %(default)s)")
+    train.add_argument("--batch-size", type=_int_at_least(1, "a batch size"), default=default["batch_size"],
+                       help="training and evaluation batch size (default: %(default)s)")
+    train.add_argument("--label-smoothing", type=_float_in(0.0, 1.0, "a value in [0, 1)", high_open=True),
+                       default=default["label_smoothing"], help="cross-entropy label smoothing (default: %(default)s)")
+    train.add_argument("--seed", type=_int_at_least(0, "a seed"), default=default["seed"],
+                       help="seeds the initialisation, dropout and data order (default: %(default)s)")
+    train.add_argument("--threads", type=_int_at_least(1, "a thread count"), default=None,
+                       help="torch intra-op threads for training and timing (default: torch's setting)")
+    train.add_argument("--out", default=None, metavar="DIR",
+                       help="output folder (default: runs/<data>-<model>-<pet>[-fpet]-s<seed>)")
+    train.add_argument("--overwrite", action="store_true", help="replace the files of a run already in --out")
+    train.add_argument("--final", action="store_true",
+                       help="train on train800val200 (train + val), no validation; report the test accuracy")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--throughput-runs", type=_int_at_least(0, "a run count"), default=default["throughput_runs"],
+                       help="timed runs of the final eval throughput, median reported; 0 skips it "
+                       "(default: %(default)s)")
+    train.set_defaults(func=run_train)
+
+
+def _add_eval_parser(commands) -> None:
+    """The `fpet eval` subcommand."""
+    from .data.spec import SPEC_FORMS
+    from .data.spec import SPLITS
+    from .models import MODEL_HELP
+
+    evaluate = commands.add_parser(
+        "eval",
+        one_line_errors=True,
+        help="accuracy and eval throughput of a PET checkpoint from `fpet train` on one split of a data set",
+        description="Build the backbone (--model, --checkpoint; seeded with --seed before it is built, so a "
+        "random-init timm backbone equals the one trained with that seed) with the class count and input size "
+        "stored in --pet-checkpoint, load the PET / FPET model onto it (the backbone weights must be those it was "
+        "trained on: checked by SHA-256) and print the accuracy on --split and the eval throughput.",
+    )
+    evaluate.add_argument("--pet-checkpoint", required=True, metavar="PATH",
+                          help="pet.safetensors written by `fpet train`")
+    evaluate.add_argument("--data", required=True, metavar="SPEC", help=f"data set: {', '.join(SPEC_FORMS)}")
+    evaluate.add_argument("--model", default="pocket-vit", help=f"backbone: {MODEL_HELP} (default: %(default)s)")
+    evaluate.add_argument("--checkpoint", default=None, metavar="PATH", help="local timm weights for a timm --model")
+    evaluate.add_argument("--split", default="test", choices=SPLITS,
+                          help="train = train800, val = val200, trainval = both (default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=_int_at_least(1, "a batch size"), default=64,
+                          help="evaluation batch size, also the throughput batch (default: %(default)s)")
+    evaluate.add_argument("--seed", type=_int_at_least(0, "a seed"), default=0,
+                          help="torch seed before the backbone is built: the training --seed for a random-init "
+                          "backbone (default: %(default)s)")
+    evaluate.add_argument("--threads", type=_int_at_least(1, "a thread count"), default=None,
+                          help="torch intra-op threads (default: torch's setting)")
+    evaluate.add_argument("--backend", default=None, choices=BACKENDS,
+                          help="FPET kernel backend (default: the one stored in the checkpoint)")
+    evaluate.add_argument("--throughput-runs", type=_int_at_least(0, "a run count"), default=5,
+                          help="timed runs of the eval throughput, median reported; 0 skips it (default: %(default)s)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    evaluate.set_defaults(func=run_eval)
+
+
+def _add_data_parser(commands) -> None:
+    """The `fpet data` subcommand."""
+    data = commands.add_parser(
+        "data",
+        one_line_errors=True,
+        help="list the pocket-VTAB tasks or generate them into the cache",
+        description="--list prints the pocket-VTAB tasks (name, VTAB group, classes, description); --generate TASK "
+        "or all writes tasks into the cache (--root, else $FPET_DATA_DIR, else ~/.cache/fpet_kernels/pocket_vtab) "
+        "and prints each task's folder; a task already generated with the same seed and sizes is left as it is.",
+    )
+    what = data.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", action="store_true", help="print the table of pocket-VTAB tasks")
+    what.add_argument("--generate", metavar="TASK", help="generate a pocket-VTAB task, or all of them")
+    data.add_argument("--root", default=None, metavar="DIR", help="cache folder (default: $FPET_DATA_DIR or "
+                      "~/.cache/fpet_kernels/pocket_vtab)")
+    data.add_argument("--seed", type=_int_at_least(0, "a seed"), default=0,
+                      help="generation seed (default: %(default)s; train and eval read seed 0)")
+    data.add_argument("--sizes", type=_sizes, default=None, metavar="TRAIN,VAL,TEST",
+                      help="image counts of train800, val200, test (default: 800,200,500; train and eval read the "
+                      "default)")
+    data.add_argument("--no-progress", action="store_true", help="no progress bar")
+    data.set_defaults(func=run_data)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``one_line_errors=True`` commands (train, eval, data) report a usage mistake as the
+    single line ``fpet <command>: error: ...`` (exit status 2), without the usage text."""
+
+    def __init__(self, *args, one_line_errors: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.one_line_errors = one_line_errors
+
+    def error(self, message: str):
+        if not self.one_line_errors:
+            super().error(message)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fpet", description="FPET token merging and PET for timm ViTs.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _CommandParser(prog="fpet", description="FPET token merging and PET for timm ViTs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     demo = commands.add_parser(
         "demo",
         help="compare backbone, LoRA and FPET+LoRA: tokens per block, GFLOPs and CPU eval throughput",
@@ -142,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="module:function whose Triton kernel launches are compiled (default: every op of the "
                         "triton backend, forward and backward)")
     report.set_defaults(func=run_gpu_report)
+    _add_train_parser(commands)
+    _add_eval_parser(commands)
+    _add_data_parser(commands)
+    _add_visualize_parser(commands)
     return parser
 
 

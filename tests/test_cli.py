@@ -37,3 +37,14 @@ def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "fpet_kernels", "demo", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--checkpoint" in result.stdout
 
+
+
+def test_help_lists_every_command(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "gpu-report", "train", "eval", "data"):
+        assert command in out

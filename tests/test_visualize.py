@@ -181,3 +181,19 @@ def test_visualize_an_image_file(tmp_path):
         visualize(source, model, tmp_path / "bad.png", transform=lambda image: torch.zeros(3, 32, 32))
     with pytest.raises(ValueError, match="apply_fpet"):
         visualize(source, tiny_vit(), tmp_path / "none.png")
+
+
+def test_fpet_visualize_command(tmp_path, capsys):
+    """`fpet visualize IMAGE --out PNG` on an untrained FPET model: a PNG of the drawn size, one summary line; a
+    missing image is one error line (exit 2)."""
+    from fpet_kernels import cli
+
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "merge.png"
+    argv = ["visualize", str(image), "--model", "vit_tiny_patch16_224", "--img-size", "64", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert Image.open(out).size == (256, 256)
+    assert "17 -> 9 tokens" in capsys.readouterr().out
+    assert cli.main(["visualize", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+    assert "argument IMAGE" in capsys.readouterr().err
