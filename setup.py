@@ -2,8 +2,13 @@
 
 Install torch first, then: ``pip install --no-build-isolation -e .``
 
-Supported versions: torch >= 2.6 (with timm >= 1.0.15) and, for the Triton backend (the ``triton`` extra),
-triton >= 3.3.
+Supported versions: Python >= 3.10, torch >= 2.6, timm >= 1.0.16 (the first whose attention takes an attention
+mask); the Triton backend (the ``triton`` extra) needs triton >= 3.3, so torch >= 2.7 (torch 2.6 comes with triton
+3.2: there the registry reports the Triton backend unavailable and the cuda backend serves CUDA tensors);
+``fpet gpu-report`` needs triton >= 3.6. Checked on CPU with the whole test suite (Triton under the interpreter):
+torch 2.6.0 / triton 3.2.0 / timm 1.0.16, torch 2.7.1 / triton 3.3.1 / timm 1.0.16, torch 2.11.0 / triton 3.6.0 /
+timm 1.0.31, and the pinned torch 2.14.1 / triton 3.8.0 / timm 1.0.31 of requirements.txt. The Triton interpreter of
+triton <= 3.6 needs numpy < 2.4 (it converts 1-element arrays to scalars, an error since numpy 2.4).
 
 This builds the compiled extension ``fpet_kernels._C`` (the ``cpp`` and ``cuda`` backends, docs/design.md §4): the
 CPU kernels always, the CUDA kernels too when a CUDA toolkit and a CUDA-enabled torch are found (no GPU needed).
@@ -130,8 +135,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fpet_kernels", "fpet_kernels.*"]),
     package_data={"fpet_kernels": ["cuda_archs.txt"]},
-    install_requires=["torch>=2.6", "timm>=1.0.15"],
-    extras_require={"triton": ["triton>=3.3"], "test": ["pytest", "pytest-benchmark", "peft"]},
+    install_requires=["torch>=2.6", "timm>=1.0.16", "safetensors", "tqdm", "scikit-learn", "scikit-image"],
+    extras_require={"triton": ["triton>=3.3"], "plots": ["matplotlib"],
+                    "test": ["pytest", "pytest-benchmark", "peft", "matplotlib"]},
     entry_points={"console_scripts": ["fpet=fpet_kernels.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -265,3 +265,12 @@ def test_other_ops_bad_input():
         fk.scatter_mean_merge(x, size, torch.rand(2, 6, 7), (3, 4), 1)
     with pytest.raises(ValueError, match="fewer than 2 patches"):
         fk.checkerboard_similarity(metric[:, :2], (1, 1), 1)
+
+
+def test_triton_older_than_the_supported_minimum_is_refused_with_a_reason(monkeypatch):
+    triton = pytest.importorskip("triton")
+    from fpet_kernels.backends.triton_backend import availability
+
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    reason = availability.unavailable_reason()
+    assert reason is not None and "triton 3.2.0 is older than 3.3" in reason

@@ -6,9 +6,10 @@ included: no saved state is returned. What a backward needs beyond the op's inpu
 refine_keys the hidden activation (from metric and W_down), ste_match each row's argmax, second column and threshold
 (from the scores row), merge_tokens the same three per A row (one WRITE_MATCH launch of the similarity kernel). Each
 ``<op>_backward`` op is private to this backend and itself a triton_op, so compiled backward graphs see it too.
-"""
-from __future__ import annotations
 
+No ``from __future__ import annotations`` here: torch 2.6's schema inference evaluates string annotations in its own
+namespace, where ``Tuple`` is not defined.
+"""
 from typing import Optional, Tuple
 
 import torch
