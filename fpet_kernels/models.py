@@ -53,16 +53,16 @@ POCKET_VIT_NAME = "pocket-vit"
 POCKET_VIT: Dict[str, Any] = {
     "img_size": 64,
     "patch_size": 8,
-    "embed_dim": 192,
+    "embed_dim": 128,
     "depth": 8,
-    "num_heads": 3,
+    "num_heads": 4,
     "mlp_ratio": 4.0,
     "class_token": True,
     "global_pool": "token",
 }
 """Keyword arguments of timm's ``VisionTransformer`` for the pocket ViT: 64x64 RGB input, 8x8 patches (an 8x8 grid of
-64 patch tokens plus the class token), width 192, 8 blocks of 3 heads, MLP ratio 4 (about 3.6M parameters without a
-head; a float32 file of about 14 MB). Classification reads the class token after the final norm."""
+64 patch tokens plus the class token), width 128, 8 blocks of 4 heads (head dim 32), MLP ratio 4 (1.6M parameters
+without a head; a float32 file of about 6.6 MB). Classification reads the class token after the final norm."""
 
 MODEL_NAMES: Tuple[str, ...] = (
     POCKET_VIT_NAME,
@@ -173,7 +173,7 @@ def _load_backbone(model: nn.Module, tensors: Dict[str, torch.Tensor], path: str
 def pocket_vit(num_classes: int = 0, pretrained: bool = True, *, weights: Optional[PathLike] = None) -> nn.Module:
     """The pocket ViT (:data:`POCKET_VIT`) in eval mode, with a fresh head of ``num_classes`` outputs.
 
-    ``num_classes=0``: no head (``forward`` returns the 192-d class-token features after the final norm). With
+    ``num_classes=0``: no head (``forward`` returns the 128-d class-token features after the final norm). With
     ``pretrained`` (the default) the backbone gets the shipped weights (``weights``, default
     :func:`pocket_vit_path`; the upstream head there is not loaded); the head keeps timm's random initialisation, so
     seed torch first for a reproducible head. ``pretrained=False``: random weights throughout. A missing weights file
