@@ -134,7 +134,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["fpet_kernels", "fpet_kernels.*"]),
-    package_data={"fpet_kernels": ["cuda_archs.txt"]},
+    package_data={"fpet_kernels": ["cuda_archs.txt", "weights/*.safetensors", "weights/*.jsonl", "weights/*.json"]},
     install_requires=["torch>=2.6", "timm>=1.0.16", "safetensors", "tqdm", "scikit-learn", "scikit-image"],
     extras_require={"triton": ["triton>=3.3"], "plots": ["matplotlib"],
                     "test": ["pytest", "pytest-benchmark", "peft", "matplotlib"]},

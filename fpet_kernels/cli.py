@@ -28,24 +28,23 @@ def _format_tokens(counts: List[int]) -> str:
     return ", ".join(f"{count}x{repeat}" for count, repeat in runs)
 
 
-def _build_backbone(args: argparse.Namespace) -> torch.nn.Module:
-    import timm
-    from timm.models import load_checkpoint
+def _run_timing_demo(args: argparse.Namespace) -> int:
+    """The timing-only demo (a timm ViT at random init or with --checkpoint, or the untrained pocket ViT)."""
+    from .models import POCKET_VIT_NAME, create_model
 
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, strict=True)
-    return model.eval()
-
-
-def run_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
-    backbone = _build_backbone(args)
+    try:
+        backbone = create_model(args.model, args.num_classes, checkpoint=args.checkpoint, img_size=args.img_size)
+    except (ValueError, FileNotFoundError) as error:  # an unknown or non-ViT model, a bad size or checkpoint
+        print(f"fpet demo: error: {error}", file=sys.stderr)
+        return 2
     lora = add_pet(copy.deepcopy(backbone), "lora")
     fpet_lora = apply_fpet(add_pet(copy.deepcopy(backbone), "lora"), args.layer, backend=args.backend)
     models = {"backbone": backbone, "LoRA": lora, "FPET+LoRA": fpet_lora}
     images = torch.randn(args.batch_size, 3, args.img_size[0], args.img_size[1])
     weights = "random init" if not args.checkpoint else args.checkpoint
+    if args.model == POCKET_VIT_NAME:
+        weights = "shipped pretrained weights, untrained head"
     print(f"{args.model} ({weights}), input {args.img_size[0]}x{args.img_size[1]}, batch {args.batch_size}")
     print(f"machine: {benchmark.machine_description(args.threads)}")
     print(f"timing: median of {args.runs} runs after {args.warmup} warm-up rounds, models alternated, eval mode\n")
@@ -68,6 +67,87 @@ def run_demo(args: argparse.Namespace) -> int:
             f"{rate / base_rate:>7.2f}x  {backend}"
         )
     return 0
+
+
+DEMO_METHODS = (("LoRA", False), ("FPET+LoRA", True))
+DEMO_EPOCHS = 8
+
+
+def _run_finetune_demo(args: argparse.Namespace) -> int:
+    """The main demo: fine-tune LoRA and FPET+LoRA on the shipped pocket ViT on one pocket-VTAB task (the
+    fine-tuning engine of ``fpet train``, ``final`` protocol), then compare them and the plain backbone: test
+    accuracy, trainable parameters, tokens per block, GFLOPs per image and eval throughput (round-robin)."""
+    import os
+    import tempfile
+
+    from .data import default_transform, load_pocket_vtab
+    from .models import POCKET_VIT_NAME, create_model
+    from .train import ConfigError, TrainConfig, load_trained, train
+
+    with tempfile.TemporaryDirectory(prefix="fpet-demo-") as scratch:
+        out = args.out or scratch
+        results, folders = {}, {}
+        for index, (name, fpet) in enumerate(DEMO_METHODS, 1):
+            folders[name] = os.path.join(out, name.lower().replace("+", "-"))
+            print(f"[{index}/{len(DEMO_METHODS)}] fine-tuning {name} ...", flush=True)
+            config = TrainConfig(
+                data=f"pocket-vtab:{args.task}", model=POCKET_VIT_NAME, pet="lora", fpet=fpet, layer=args.layer,
+                backend=args.backend, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                threads=args.threads, out=folders[name], overwrite=True,
+                final=True, progress=not args.no_progress, throughput_runs=0,
+            )
+            try:
+                results[name] = train(config, log=lambda line: print("    " + line, flush=True))
+            except ConfigError as error:
+                return _config_error("fpet demo", error)
+        torch.manual_seed(args.seed)
+        models = {"backbone": create_model(POCKET_VIT_NAME, results["LoRA"]["num_classes"])}
+        for name, _ in DEMO_METHODS:  # rebuilt from the saved PET checkpoints, as a user deploys them
+            models[name] = load_trained(os.path.join(folders[name], "pet.safetensors"), backend=args.backend)
+    side = results["LoRA"]["img_size"]
+    test = load_pocket_vtab(args.task, "test", default_transform(side), progress=False)
+    images = torch.stack([test[i][0] for i in range(min(args.batch_size, len(test)))])
+    tokens = {name: benchmark.tokens_per_block(model, images[:1]) for name, model in models.items()}
+    gflops = {name: benchmark.count_gflops(model, images[:1]) for name, model in models.items()}
+    times = benchmark.measure_throughput(models, images, runs=args.runs, warmup=args.warmup, threads=args.threads)
+    base_rate = images.shape[0] / benchmark.median(times["backbone"])
+    first = results["LoRA"]
+    print(f"\n{POCKET_VIT_NAME} (shipped pretrained backbone) fine-tuned on pocket-vtab:{args.task} "
+          f"({first['num_classes']} classes, {first['train_images']} training / {first['test_images']} test images, "
+          f"{side}x{side}), {args.epochs} epochs, seed {args.seed}")
+    print(f"machine: {benchmark.machine_description(args.threads)}")
+    print(f"timing: batch {images.shape[0]}, median of {args.runs} runs after {args.warmup} warm-up rounds, models "
+          f"alternated, eval mode\n")
+    header = (f"{'model':<10} {'test acc':>8} {'trainable':>10} {'train s':>8} {'tokens per block':<16} "
+              f"{'GFLOPs/img':>10} {'img/s':>8} {'speedup':>8}  backend")
+    print(header)
+    print("-" * len(header))
+    for name in models:
+        rate = images.shape[0] / benchmark.median(times[name])
+        result = results.get(name)
+        acc = f"{100 * result['test_acc']:.1f}%" if result else "-"
+        trainable = f"{result['trainable_params']:,}" if result else "-"
+        seconds = f"{result['train_seconds']:.0f}" if result else "-"
+        backend = (result or {}).get("merge_backend") or "-"
+        print(f"{name:<10} {acc:>8} {trainable:>10} {seconds:>8} {_format_tokens(tokens[name]):<16} "
+              f"{gflops[name]:>10.3f} {rate:>8.1f} {rate / base_rate:>7.2f}x  {backend}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """`fpet demo`: the fine-tuning demo on the shipped pocket ViT, or the timing-only demo of a timm ViT."""
+    from .models import POCKET_VIT_NAME
+
+    fine_tune = args.model == POCKET_VIT_NAME and not args.timing_only
+    if args.batch_size is None:
+        args.batch_size = 64 if fine_tune else 16
+    if args.runs is None:
+        args.runs = 10 if fine_tune else 5
+    if fine_tune:
+        return _run_finetune_demo(args)
+    if args.img_size is None:
+        args.img_size = [64, 64] if args.model == POCKET_VIT_NAME else [224, 224]
+    return _run_timing_demo(args)
 
 
 def run_gpu_report(args: argparse.Namespace) -> int:
@@ -443,21 +523,40 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     demo = commands.add_parser(
         "demo",
-        help="compare backbone, LoRA and FPET+LoRA: tokens per block, GFLOPs and CPU eval throughput",
-        description="Build a timm ViT (random init unless --checkpoint), add LoRA, and compare the plain backbone, "
-        "LoRA and FPET+LoRA: tokens per block, GFLOPs per image (FlopCounterMode) and eval throughput on this CPU. "
-        "Nothing is downloaded.",
+        help="fine-tune LoRA and FPET+LoRA on the shipped pocket ViT and compare accuracy, GFLOPs, tokens per block "
+        "and CPU eval throughput (or, with a timm --model, a timing-only comparison)",
+        description="The main demo (default --model pocket-vit): fine-tune LoRA and FPET+LoRA on the shipped pretrained "
+        "pocket ViT on one pocket-VTAB task (generated on first use; the engine of `fpet train`, trained on "
+        "train800val200, scored on test), then compare them with the plain backbone: test accuracy, trainable "
+        "parameters, tokens per block, GFLOPs per image (FlopCounterMode) and eval throughput on this CPU, models "
+        "alternated. With a timm VisionTransformer name as --model (random init unless --checkpoint), or "
+        "--timing-only, nothing is trained: backbone, LoRA and FPET+LoRA are only timed. Nothing is downloaded.",
     )
-    demo.add_argument("--model", default="vit_small_patch16_224", help="timm VisionTransformer name")
-    demo.add_argument("--checkpoint", default=None, help="local timm checkpoint (.pth/.safetensors) to load")
-    demo.add_argument("--num-classes", type=int, default=1000, help="classifier size (must match --checkpoint)")
-    demo.add_argument("--img-size", type=_img_size, default=[224, 224], help="input size: SIZE or HxW")
+    demo.add_argument("--model", default="pocket-vit",
+                      help="pocket-vit (default: fine-tune) or a timm VisionTransformer name (timing only)")
+    demo.add_argument("--task", default="digits", help="pocket-VTAB task of the fine-tuning demo (default: digits; "
+                                                       "`fpet data --list` shows them)")
+    demo.add_argument("--epochs", type=_int_at_least(1, "an epoch count"), default=DEMO_EPOCHS,
+                      help="fine-tuning epochs per method (default: %(default)s)")
+    demo.add_argument("--seed", type=_int_at_least(0, "a seed"), default=0, help="training seed (default: 0)")
+    demo.add_argument("--out", default=None, help="keep the two runs (config, log, PET checkpoint) in this folder "
+                                                 "(default: a temporary folder)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--timing-only", action="store_true",
+                      help="skip fine-tuning: time the untrained models only (implied by a timm --model)")
+    demo.add_argument("--checkpoint", default=None, help="timing only: local timm checkpoint (.pth/.safetensors)")
+    demo.add_argument("--num-classes", type=int, default=1000,
+                      help="timing only: classifier size (a --checkpoint head of another size is dropped)")
+    demo.add_argument("--img-size", type=_img_size, default=None,
+                      help="timing only: input size, SIZE or HxW (default: 224, 64 for pocket-vit)")
     demo.add_argument("--layer", type=int, default=None, help="merge block (default depth // 2)")
     demo.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend for the merge")
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--runs", type=int, default=5, help="timed rounds (the median is reported)")
+    demo.add_argument("--batch-size", type=int, default=None,
+                      help="training and timing batch (default: 64 when fine-tuning, 16 timing only)")
+    demo.add_argument("--runs", type=int, default=None,
+                      help="timed rounds, the median is reported (default: 10 when fine-tuning, 5 timing only)")
     demo.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    demo.add_argument("--threads", type=int, default=2, help="torch intra-op threads while timing")
+    demo.add_argument("--threads", type=int, default=2, help="torch intra-op threads for training and timing")
     demo.set_defaults(func=run_demo)
 
     report = commands.add_parser(

@@ -48,3 +48,30 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("demo", "gpu-report", "train", "eval", "data"):
         assert command in out
+
+
+def test_fine_tuning_demo_on_the_shipped_backbone(tmp_path, monkeypatch, capsys):
+    """The README's main command, shortened: 1 epoch per method on a pocket-VTAB task generated into tmp_path."""
+    monkeypatch.setenv("FPET_DATA_DIR", str(tmp_path / "data"))
+    args = ["demo", "--task", "orientation", "--epochs", "1", "--runs", "1", "--warmup", "0", "--threads", "1",
+            "--no-progress", "--out", str(tmp_path / "runs")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
+             ("backbone", "LoRA", "FPET+LoRA")}
+    assert set(lines) == {"backbone", "LoRA", "FPET+LoRA"}
+    assert lines["backbone"][1] == "-" and lines["LoRA"][1].endswith("%") and lines["FPET+LoRA"][1].endswith("%")
+    assert 0.0 <= float(lines["FPET+LoRA"][1].rstrip("%")) <= 100.0
+    assert "65x8" in " ".join(lines["backbone"]) and "65x5, 33x3" in " ".join(lines["FPET+LoRA"])  # merged inside block 4
+    gflops = {name: float(fields[-4]) for name, fields in lines.items()}
+    assert gflops["FPET+LoRA"] < gflops["LoRA"]
+    assert lines["FPET+LoRA"][-1] in ("reference", "cpp")
+    for name in ("lora", "fpet-lora"):  # the runs are kept with --out
+        assert (tmp_path / "runs" / name / "pet.safetensors").is_file()
+
+
+def test_demo_timing_only_and_bad_models(capsys):
+    assert main(["demo", "--timing-only", "--batch-size", "2", "--runs", "1", "--warmup", "0"]) == 0
+    assert "64x64" in capsys.readouterr().out
+    assert main(["demo", "--model", "resnet18", "--runs", "1"]) == 2
+    assert "VisionTransformer" in capsys.readouterr().err
