@@ -19,6 +19,7 @@ from .ops import (
 from .pet import PET_METHODS, add_pet, mark_trainable
 from .version import __version__
 from .vit_patch import apply_fpet, remove_fpet
+from .tome import apply_tome, remove_tome
 from .checkpoint import fold_pet, load_pet, read_pet_checkpoint, remove_pet, save_pet
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "TokenMerger",
     "apply_fpet",
     "remove_fpet",
+    "apply_tome",
+    "remove_tome",
     "PET_METHODS",
     "add_pet",
     "mark_trainable",

@@ -106,16 +106,7 @@ class FPETPatch:
 
     # ------------------------------------------------------------------ pooling (step 8)
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        """VisionTransformer.pool with the size-weighted mean over non-prefix tokens for 'avg' / 'avgmax'."""
-        vit = self.vit
-        size = self.state.get("size")
-        pool_type = vit.global_pool if pool_type is None else pool_type
-        if size is None or pool_type not in ("avg", "avgmax") or size.shape != x.shape[:2]:
-            return type(vit).pool(vit, x, pool_type)
-        start = 0 if vit.pool_include_prefix else vit.num_prefix_tokens
-        tokens, weights = x[:, start:], size[:, start:].to(x.dtype).unsqueeze(-1)
-        mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
-        return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
+        return sized_pool(self.vit, x, self.state.get("size"), pool_type)
 
     # ------------------------------------------------------------------ install / remove
     def install(self, merger: TokenMerger) -> None:
@@ -140,6 +131,19 @@ class FPETPatch:
         for module in vit.modules():
             _remove_hooks_of(module, self)
         del vit._fpet_patch
+
+
+def sized_pool(vit: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor], pool_type: Optional[str] = None
+               ) -> torch.Tensor:
+    """VisionTransformer.pool with the size-weighted mean over non-prefix tokens for 'avg' / 'avgmax' (token
+    merging's pooling, FPET and ToMe); timm's own pool when there are no sizes or for other pool types."""
+    pool_type = vit.global_pool if pool_type is None else pool_type
+    if size is None or pool_type not in ("avg", "avgmax") or size.shape != x.shape[:2]:
+        return type(vit).pool(vit, x, pool_type)
+    start = 0 if vit.pool_include_prefix else vit.num_prefix_tokens
+    tokens, weights = x[:, start:], size[:, start:].to(x.dtype).unsqueeze(-1)
+    mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+    return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
 
 
 def _remove_hooks_of(module: nn.Module, owner: object) -> None:
@@ -191,6 +195,9 @@ def apply_fpet(
     vit = find_vision_transformer(model)
     if getattr(vit, "_fpet_patch", None) is not None:
         raise ValueError("apply_fpet: this model is already patched with FPET; call remove_fpet(model) first")
+    if getattr(vit, "_tome_patch", None) is not None:
+        raise ValueError("apply_fpet: this model is patched with ToMe; FPET and ToMe cannot be combined "
+                         "(call remove_tome(model) first)")
     depth = len(vit.blocks)
     layer = depth // 2 if layer is None else layer
     if not isinstance(layer, int) or not 0 <= layer < depth:
