@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from typing import Dict, List, Mapping
+from typing import Any, Dict, List, Mapping
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..vit import find_vision_transformer
 
-__all__ = ["tokens_per_block", "count_gflops", "measure_throughput", "median", "machine_description"]
+__all__ = ["tokens_per_block", "attention_flop_formulas", "count_gflops", "measure_throughput", "median", "machine_description"]
 
 
 def tokens_per_block(model: nn.Module, images: torch.Tensor) -> List[int]:
@@ -35,10 +35,28 @@ def tokens_per_block(model: nn.Module, images: torch.Tensor) -> List[int]:
     return counts
 
 
+def attention_flop_formulas() -> Dict[Any, Any]:
+    """FLOP formulas for the CPU flash-attention kernels that ``FlopCounterMode`` has none for (torch 2.14 counts
+    ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward as 0): torch's own SDPA formulas, the
+    ones it registers for the CUDA kernels (``4 B H N M Dh`` forward). Ops torch already knows are left alone."""
+    from torch.utils import flop_counter
+
+    formulas = {}
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", getattr(flop_counter, "sdpa_flop", None)),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", getattr(flop_counter, "sdpa_backward_flop", None)),
+    ):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and formula is not None and op not in flop_counter.flop_registry:
+            # the module-level formulas are already shape-wrapped; FlopCounterMode wraps custom ones itself
+            formulas[op] = getattr(formula, "__wrapped__", formula)
+    return formulas
+
+
 def count_gflops(model: nn.Module, images: torch.Tensor) -> float:
-    """GFLOPs of one forward pass of ``images`` (``torch.utils.flop_counter.FlopCounterMode``; a multiply-add
-    counts as 2 FLOPs)."""
-    counter = FlopCounterMode(display=False)
+    """GFLOPs of one forward pass of ``images`` (``torch.utils.flop_counter.FlopCounterMode``, attention included
+    through :func:`attention_flop_formulas`; a multiply-add counts as 2 FLOPs)."""
+    counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
     with torch.inference_mode(), counter:
         model(images)
     return counter.get_total_flops() / 1e9
