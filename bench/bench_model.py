@@ -18,22 +18,7 @@ import torch
 
 import fpet_kernels as fk
 from fpet_kernels.tools import benchmark
-
-
-def free_halving(model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """A copy that drops half the patch tokens between block ``layer``'s attention and MLP, where FPET merges."""
-    model = copy.deepcopy(model)
-    grid = model.patch_embed.grid_size
-    keep = model.num_prefix_tokens + grid[0] * grid[1] // 2
-    block = model.blocks[layer]
-
-    def forward(x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-        x = x[:, :keep].contiguous()  # a fresh tensor, as a merge produces
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-    block.forward = forward
-    return model
+from fpet_kernels.tools.model_bench import free_halving
 
 
 def main() -> None:

@@ -150,6 +150,67 @@ def run_demo(args: argparse.Namespace) -> int:
     return _run_timing_demo(args)
 
 
+BENCH_MODELS = "vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """`fpet bench`: the model-level benchmark (fpet_kernels.tools.model_bench); table, JSON and plots in --out."""
+    import os
+
+    from tqdm import tqdm
+
+    from .tools import model_bench
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        print("fpet bench: error: --models: expected comma-separated timm ViT names", file=sys.stderr)
+        return 2
+    from .models import create_model
+
+    for name in models:  # a bad name is one error line, before anything is timed
+        try:
+            create_model(name, 0, img_size=args.img_size)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"fpet bench: error: --models: {error}", file=sys.stderr)
+            return 2
+    stages = 4 + (1 + len(model_bench.PET_VARIANTS) if not args.no_train else 0)
+    bar = tqdm(total=stages * len(models), desc="bench", unit="stage", disable=args.no_progress)
+
+    def progress(message: str) -> None:
+        bar.set_postfix_str(message)
+        bar.update(1)
+
+    report = model_bench.run(
+        models, batch=args.batch_size, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
+        latency_rounds=args.latency_rounds, train_batch=args.train_batch, train_rounds=args.train_rounds,
+        img_size=args.img_size, backend=args.backend, tome_r=args.tome_r, train=not args.no_train, progress=progress,
+    )
+    bar.close()
+    os.makedirs(args.out, exist_ok=True)
+    table = model_bench.markdown(report)
+    with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    with open(os.path.join(args.out, "bench.md"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    written = ["bench.json", "bench.md"]
+    if not args.no_plots:
+        written += [os.path.basename(p) for p in model_bench.plots(report, args.out)]
+    print(table)
+    print(f"wrote {', '.join(written)} in {args.out}")
+    return 0
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return values
+
+
 def run_gpu_report(args: argparse.Namespace) -> int:
     """Compile every Triton kernel for real GPU targets and read the CUDA C++ kernels of the built extension (no
     GPU needed); print the resource table, or the roofline model with --roofline. Exit status 1 when the check finds
@@ -558,6 +619,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     demo.add_argument("--threads", type=int, default=2, help="torch intra-op threads for training and timing")
     demo.set_defaults(func=run_demo)
+
+    bench = commands.add_parser(
+        "bench",
+        help="model-level benchmark: backbone, LoRA, AdaptFormer, FPET+LoRA, FPET+AdaptFormer, ToMe at three r and "
+        "the free-halving ceiling; throughput, latency, GFLOPs, parameters, training step time and memory",
+        description="Benchmark timm ViTs (random init, nothing is downloaded) on this CPU: every variant timed "
+        "alternately in one process (eval throughput: median and min-max over --rounds; batch-1 latency p50/p90), "
+        "GFLOPs per image (attention included), parameters total/trainable, the training step (forward, backward, "
+        "AdamW) of the PET variants and its peak memory (each in a fresh process: peak RSS during one step, "
+        "VmHWM). ToMe's r: the one matching FPET+LoRA's GFLOPs and two more, unless --tome-r. Writes bench.md, "
+        "bench.json and PNG plots in --out.",
+        one_line_errors=True,
+    )
+    bench.add_argument("--models", default=BENCH_MODELS, help="comma-separated timm ViT names (default: %(default)s)")
+    bench.add_argument("--batch-size", type=_int_at_least(1, "a batch size"), default=16,
+                       help="eval batch (default: %(default)s)")
+    bench.add_argument("--threads", type=_int_at_least(1, "a thread count"), default=2,
+                       help="torch intra-op threads (default: %(default)s)")
+    bench.add_argument("--rounds", type=_int_at_least(1, "a round count"), default=11,
+                       help="timed eval rounds (default: %(default)s)")
+    bench.add_argument("--warmup", type=_int_at_least(0, "a round count"), default=2,
+                       help="untimed rounds first (default: %(default)s)")
+    bench.add_argument("--latency-rounds", type=_int_at_least(1, "a round count"), default=21,
+                       help="timed batch-1 rounds (default: %(default)s)")
+    bench.add_argument("--train-batch", type=_int_at_least(1, "a batch size"), default=32,
+                       help="training-step batch (default: %(default)s)")
+    bench.add_argument("--train-rounds", type=_int_at_least(1, "a round count"), default=5,
+                       help="timed training steps per variant (default: %(default)s)")
+    bench.add_argument("--img-size", type=_int_at_least(1, "an image side in pixels"), default=None,
+                       help="input side (default: the model's)")
+    bench.add_argument("--tome-r", type=_int_list, default=None,
+                       help="ToMe tokens merged per block, comma-separated (default: matched to FPET's GFLOPs, and "
+                            "half and 1.5x that)")
+    bench.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend for the merge")
+    bench.add_argument("--no-train", action="store_true", help="skip the training-step time and memory")
+    bench.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--out", default="bench_results", help="output folder (default: %(default)s)")
+    bench.set_defaults(func=run_bench)
 
     report = commands.add_parser(
         "gpu-report",
