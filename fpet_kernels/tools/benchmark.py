@@ -55,7 +55,10 @@ def attention_flop_formulas() -> Dict[Any, Any]:
 
 def count_gflops(model: nn.Module, images: torch.Tensor) -> float:
     """GFLOPs of one forward pass of ``images`` (``torch.utils.flop_counter.FlopCounterMode``, attention included
-    through :func:`attention_flop_formulas`; a multiply-add counts as 2 FLOPs)."""
+    through :func:`attention_flop_formulas`; a multiply-add counts as 2 FLOPs). One uncounted forward runs first, so
+    one-time work of a first call (LoRA folding its weight into qkv for no-grad use) is not counted."""
+    with torch.inference_mode():
+        model(images)
     counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
     with torch.inference_mode(), counter:
         model(images)

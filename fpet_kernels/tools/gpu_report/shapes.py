@@ -23,5 +23,8 @@ class Shapes:
 
 
 VIT_B16 = Shapes()
+# ViT-T/16 and ViT-S/16 at 224x224: the same grid and head size, C = 192 and 384.
+VIT_T16 = Shapes(channels=192)
+VIT_S16 = Shapes(channels=384)
 # ViT-L/16 at 224x224: a 16x16 grid (256 patches), C = 1024, Dh = 64.
 VIT_L16 = Shapes(Checkerboard(16, 16, 1), channels=1024)
