@@ -314,19 +314,26 @@ def plots(report: Dict[str, Any], out: str) -> List[str]:
 
     paths = []
     models = list(report["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
+    names: List[str] = []
+    for model_name in models:
+        names += [n for n in report["models"][model_name]["variants"] if n not in names]
+    colours = plt.get_cmap("tab10")
+    style = {name: (colours(i % 10), "s" if name.startswith("ToMe") else "^" if name == "free halving" else "o")
+             for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 5.0), squeeze=False)
     for ax, model_name in zip(axes[0], models):
         for name, row in report["models"][model_name]["variants"].items():
+            colour, marker = style[name]
             ax.errorbar(row["gflops"], row["img_per_s"],
                         yerr=[[row["img_per_s"] - row["img_per_s_min"]], [row["img_per_s_max"] - row["img_per_s"]]],
-                        fmt="o", capsize=3)
-            ax.annotate(name, (row["gflops"], row["img_per_s"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+                        fmt=marker, color=colour, capsize=3, label=name)
         ax.set_xlabel("GFLOPs per image")
-        ax.set_ylabel(f"img/s (batch {report['settings']['batch']})")
+        ax.set_ylabel(f"img/s (batch {report['settings']['batch']}; bars: min-max)")
         ax.set_title(model_name, fontsize=9)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=style[n][0], marker=style[n][1], linestyle="") for n in names]
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     paths.append(os.path.join(out, "throughput_vs_gflops.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
