@@ -35,7 +35,15 @@ What is stored
     :class:`DeployedBinaryLinear` holding ``Q(W)`` itself, whose outputs equal the original model's exactly, but
     which cannot be trained further.
 
-File format (``FORMAT_VERSION = 1``)
+SKIP-pruned models (:mod:`fpet_kernels.skip`)
+    A model whose FFNs were pruned by :func:`~fpet_kernels.skip.prune_ffn` also stores, per pruned block ``l``, the
+    kept neuron indices into the original FFN width (``@skip.blocks.l.kept``, int64) and, where the removed
+    neurons were folded into ``fc2.bias``, that bias (``@skip.blocks.l.fc2_bias``). :func:`load_pet` prunes the fresh
+    backbone with those indices before anything else, so the SHA-256 covers the pruned backbone (the folded biases
+    excepted: they are stored). Such files have ``format_version`` 2 and a ``skip`` metadata entry
+    ``{hidden: [original F per block], kept: {block: count}, folded: [blocks]}``; other files stay version 1.
+
+File format (``FORMAT_VERSION = 2``; version 1: without ``skip``)
     A safetensors file. Tensors: the PET parameters under their names in the ViT's ``named_parameters()`` (e.g.
     ``blocks.0.attn.qkv.lora_a_q.weight``, ``head.weight``, ``vpt.prompts``, ``blocks.2.token_merger.down.weight``)
     and the packed 1-bit tensors above. Metadata: one key, ``"fpet_pet"``, holding a JSON object (sorted keys; one
@@ -51,6 +59,7 @@ File format (``FORMAT_VERSION = 1``)
         pet               [{method, hparams}, ...]  one per add_pet call, in order (hparams with defaults filled in)
         fpet              {layer, refine_dim, refine_bits, refine_scale, refine_dropout, prop_attn, backend} or null
         binary            {NAME: {shape, dtype}} for every 1-bit weight
+        skip              (version 2 only) the FFN pruning, above
 
 Loading onto a model that already has PET / FPET
     Accepted only if it matches the checkpoint (same methods and hyper-parameters, same FPET settings except the
@@ -65,7 +74,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -77,6 +86,7 @@ from .pet import _CONFIG_ATTR, _PROMPTS_NAME, add_pet, pet_config, pet_parameter
 from .pet.adaptformer import AdaptFormerAdapter
 from .pet.lora import LoRAQKV
 from .pet.vpt import VisualPrompts
+from .skip import _SKIP_ATTR, _restore_ffn, prune_ffn, skip_config
 from .version import __version__
 from .vit import find_vision_transformer
 from .vit_patch import apply_fpet, get_fpet_patch, remove_fpet
@@ -92,7 +102,8 @@ __all__ = [
     "remove_pet",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_SKIP_PREFIX = "@skip.blocks."
 _FORMAT = "fpet_kernels.pet"
 _METADATA_KEY = "fpet_pet"
 _FOLDED_ATTR = "_fpet_folded_lora"  # on the ViT after fold_pet: the LoRA records that were folded
@@ -337,13 +348,28 @@ class PetCheckpointInfo:
     deploy: bool
 
 
+def _folded_bias_names(skip: Optional[Dict[str, Any]]) -> set:
+    """The fc2 biases SKIP folded removed neurons into: stored, so not part of the backbone's hash."""
+    return set() if skip is None else {f"blocks.{layer}.mlp.fc2.bias" for layer in skip["folded"]}
+
+
+def _skip_metadata(skip: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    if skip is None:
+        return None
+    return {"hidden": skip["hidden"], "kept": {str(k): int(v.numel()) for k, v in sorted(skip["kept"].items())},
+            "folded": skip["folded"]}
+
+
 def _metadata(vit: nn.Module, pet_names: set, deploy: bool, binary: Dict[str, nn.Module]) -> Dict[str, Any]:
+    skip = skip_config(vit)
+    extra = {} if skip is None else {"skip": _skip_metadata(skip)}
     return {
+        **extra,
         "format": _FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if skip is not None else 1,
         "version": __version__,
         "deploy": deploy,
-        "backbone": {**_backbone_identity(vit), "sha256": _backbone_sha256(vit, pet_names)},
+        "backbone": {**_backbone_identity(vit), "sha256": _backbone_sha256(vit, pet_names | _folded_bias_names(skip))},
         "pet": pet_config(vit),
         "fpet": _fpet_settings(vit),
         "binary": {
@@ -406,6 +432,12 @@ def save_pet(model: nn.Module, path: PathLike, *, deploy: bool = False) -> PetCh
             binary_bytes += value.numel() * value.element_size()
         num_binary += module.weight.numel()
     num_params = sum(p.numel() for name, p in params.items() if name not in binary) + num_binary
+    skip = skip_config(vit)
+    if skip is not None:
+        for layer, kept in skip["kept"].items():
+            tensors[f"{_SKIP_PREFIX}{layer}.kept"] = kept.contiguous()
+        for layer in skip["folded"]:
+            tensors[f"{_SKIP_PREFIX}{layer}.fc2_bias"] = vit.blocks[layer].mlp.fc2.bias.detach().cpu().contiguous().clone()
     metadata = _metadata(vit, set(params), deploy, binary)
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -550,6 +582,67 @@ def _has_additions(vit: nn.Module) -> bool:
     return bool(pet_config(vit)) or get_fpet_patch(vit) is not None or any(_pet_modules(vit).values())
 
 
+def _skip_tensors(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], vit: nn.Module, path: str,
+                  check_widths: bool = True) -> Tuple[List[Optional[torch.Tensor]], Dict[int, torch.Tensor]]:
+    """Take the SKIP tensors out of ``tensors`` and check them against the metadata and the model: the kept indices
+    per block (None: not pruned) and the folded fc2 biases."""
+    skip = meta.get("skip")
+    names = [key for key in tensors if key.startswith(_SKIP_PREFIX)]
+    found = {key: tensors.pop(key) for key in names}
+    if skip is None:
+        if found:
+            raise ValueError(f"load_pet: {path} holds SKIP tensors ({_listed(names)}) but no skip metadata")
+        return [None] * len(vit.blocks), {}
+    pruned = skip_config(vit)
+    widths = [block.mlp.fc1.out_features for block in vit.blocks] if pruned is None else pruned["hidden"]
+    problems = []
+    if check_widths and skip["hidden"] != widths:
+        problems.append(f"FFN widths: checkpoint {skip['hidden']} vs model {widths} (load onto an unpruned backbone)")
+    kept: List[Optional[torch.Tensor]] = [None] * len(vit.blocks)
+    biases: Dict[int, torch.Tensor] = {}
+    expected = {f"{_SKIP_PREFIX}{layer}.kept" for layer in skip["kept"]}
+    expected |= {f"{_SKIP_PREFIX}{layer}.fc2_bias" for layer in skip["folded"]}
+    if set(found) != expected:
+        problems.append(f"SKIP tensors: checkpoint has {sorted(found)}, its metadata names {sorted(expected)}")
+    for layer_text, count in skip["kept"].items():
+        layer = int(layer_text)
+        indices = found.get(f"{_SKIP_PREFIX}{layer}.kept")
+        if indices is None or not 0 <= layer < len(widths):
+            continue
+        if (indices.dim() != 1 or indices.dtype != torch.int64 or indices.numel() != count or count < 1
+                or int(indices.min()) < 0 or int(indices.max()) >= widths[layer]
+                or not bool((indices[1:] > indices[:-1]).all())):
+            problems.append(f"{_SKIP_PREFIX}{layer}.kept: expected {count} increasing int64 indices in "
+                            f"[0, {widths[layer]})")
+            continue
+        kept[layer] = indices
+    for layer in skip["folded"]:
+        bias = found.get(f"{_SKIP_PREFIX}{layer}.fc2_bias")
+        if bias is not None and 0 <= layer < len(widths):
+            if tuple(bias.shape) != (vit.blocks[layer].mlp.fc2.out_features,):
+                problems.append(f"{_SKIP_PREFIX}{layer}.fc2_bias: shape {list(bias.shape)}, expected "
+                                f"[{vit.blocks[layer].mlp.fc2.out_features}]")
+            biases[layer] = bias
+    if problems:
+        raise ValueError(f"load_pet: {path} does not fit this model: " + "; ".join(problems))
+    return kept, biases
+
+
+def _skip_differences(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], vit: nn.Module) -> List[str]:
+    """How the SKIP pruning already on ``vit`` differs from the checkpoint's."""
+    current = skip_config(vit)
+    stored = meta.get("skip")
+    if (stored is None) != (current is None):
+        return [f"SKIP: checkpoint {'unpruned' if stored is None else 'pruned'} vs model "
+                f"{'unpruned' if current is None else 'pruned'}"]
+    if stored is None:
+        return []
+    same = stored["hidden"] == current["hidden"] and sorted(map(int, stored["kept"])) == sorted(current["kept"])
+    same = same and all(torch.equal(tensors.get(f"{_SKIP_PREFIX}{layer}.kept", torch.empty(0)), kept)
+                        for layer, kept in current["kept"].items())
+    return [] if same else ["SKIP: the checkpoint's pruned FFN neurons differ from the model's"]
+
+
 def load_pet(
     model: nn.Module, path: PathLike, *, backend: Optional[str] = None, check_backbone: bool = True
 ) -> nn.Module:
@@ -581,27 +674,42 @@ def load_pet(
     problems = _differences("", {k: v for k, v in meta["backbone"].items() if k != "sha256"}, _backbone_identity(vit))
     if problems:
         raise ValueError(f"load_pet: {path} is for another architecture: " + "; ".join(problems))
-    fresh = not _has_additions(vit)
+    tensors = load_file(path)
+    fresh = not _has_additions(vit) and skip_config(vit) is None
     if not fresh:
-        problems = _config_differences(meta, vit)
+        problems = _config_differences(meta, vit) + _skip_differences(meta, tensors, vit)
         if problems:
             raise ValueError(
                 f"load_pet: the model already has PET / FPET that differs from {path}: " + "; ".join(problems)
                 + ". Load onto a fresh backbone (or call remove_pet(model) first)"
             )
-    if check_backbone:
-        sha = _backbone_sha256(vit, set(pet_parameters(vit)))
-        if sha != meta["backbone"]["sha256"]:
-            raise ValueError(
-                f"load_pet: the backbone weights differ from those {path} was trained on (SHA-256 checkpoint "
-                f"{meta['backbone']['sha256'][:12]}... vs model {sha[:12]}...): other pretrained weights, other "
-                "dtype, or modified weights. Pass check_backbone=False to load anyway"
-            )
-    tensors = load_file(path)
+    # On a model pruned the same way (checked above) the indices are there already; the folded biases are loaded.
+    kept, biases = _skip_tensors(tensors, meta, vit, path, check_widths=fresh)
+    saved_ffn = {layer: (vit.blocks[layer].mlp.fc1, vit.blocks[layer].mlp.fc2)
+                 for layer in range(len(vit.blocks))} if fresh else {}
+    try:
+        if fresh and any(k is not None for k in kept):
+            prune_ffn(vit, kept)
+        if check_backbone:
+            sha = _backbone_sha256(vit, set(pet_parameters(vit)) | _folded_bias_names(meta.get("skip")))
+            if sha != meta["backbone"]["sha256"]:
+                raise ValueError(
+                    f"load_pet: the backbone weights differ from those {path} was trained on (SHA-256 checkpoint "
+                    f"{meta['backbone']['sha256'][:12]}... vs model {sha[:12]}...): other pretrained weights, other "
+                    "dtype, or modified weights. Pass check_backbone=False to load anyway"
+                )
+    except BaseException:
+        if saved_ffn:
+            _restore_ffn(vit, saved_ffn, None)
+        raise
     if not fresh:
         _load_tensors(vit, tensors, meta, path)
+        _set_folded_biases(vit, biases)
         return model
     try:
+        _set_folded_biases(vit, biases)
+        if biases:
+            vit.__dict__[_SKIP_ATTR]["folded"] = sorted(biases)
         for record in meta["pet"]:
             add_pet(model, record["method"], **record["hparams"])
         if meta["fpet"] is not None:
@@ -613,8 +721,20 @@ def load_pet(
     except BaseException:
         if _has_additions(vit):
             remove_pet(model)
+        _restore_ffn(vit, saved_ffn, None)
         raise
     return model
+
+
+def _set_folded_biases(vit: nn.Module, biases: Dict[int, torch.Tensor]) -> None:
+    """Copy SKIP's folded fc2 biases into the pruned model (a bias is created where fc2 had none)."""
+    for layer, bias in biases.items():
+        fc2 = vit.blocks[layer].mlp.fc2
+        if fc2.bias is None:
+            fc2.bias = nn.Parameter(torch.zeros(fc2.out_features, device=fc2.weight.device, dtype=fc2.weight.dtype),
+                                    requires_grad=fc2.weight.requires_grad)
+        with torch.no_grad():
+            fc2.bias.copy_(bias)
 
 
 # ---------------------------------------------------------------------------------------------- fold / remove

@@ -429,11 +429,68 @@ def _add_visualize_parser(commands) -> None:
     parser.set_defaults(func=run_visualize)
 
 
-def _add_train_parser(commands) -> None:
-    """The `fpet train` subcommand; flag defaults are read from TrainConfig, so the help shows the real ones."""
+def _add_training_arguments(parser, pet_default: str, fpet_default: bool, out_default: str) -> None:
+    """The data, model, PET / FPET, recipe and output flags of `fpet train` (and `fpet skip`), one per TrainConfig
+    field; defaults are read from TrainConfig, so the help shows the real ones."""
     from .data.spec import SPEC_FORMS
     from .models import MODEL_HELP
     from .pet import PET_METHODS
+    from .train import TrainConfig
+
+    default = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    parser.add_argument("--data", required=True, metavar="SPEC", help=f"data set: {', '.join(SPEC_FORMS)}")
+    parser.add_argument("--model", default=default["model"], help=f"backbone: {MODEL_HELP} (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="local timm weights for a timm --model (default: random init)")
+    parser.add_argument("--img-size", type=_int_at_least(1, "an image side in pixels"), default=None, metavar="SIZE",
+                        help="input side in pixels; images are resized to SIZExSIZE (default: the model's own)")
+    parser.add_argument("--pet", default=pet_default, choices=list(PET_METHODS),
+                        help="PET method with its default hyper-parameters; linear = linear probe, the head only "
+                        "(default: %(default)s)")
+    parser.add_argument("--fpet", action=argparse.BooleanOptionalAction, default=fpet_default,
+                        help=f"FPET token merging (default: {'on' if fpet_default else 'off'})")
+    parser.add_argument("--layer", type=_int_at_least(0, "a block index"), default=None,
+                        help="FPET merge block (default: depth // 2)")
+    parser.add_argument("--refine-dim", type=_int_at_least(0, "a width"), default=default["refine_dim"],
+                        help="FPET key refinement width; 0 disables it (default: %(default)s)")
+    parser.add_argument("--refine-bits", type=int, choices=(1, 32), default=default["refine_bits"],
+                        help="FPET refinement weights: 1-bit or 32-bit (default: %(default)s)")
+    parser.add_argument("--refine-scale", type=_float_in(float("-inf"), None, "a finite number"),
+                        default=default["refine_scale"], help="FPET refinement scale (default: %(default)s)")
+    parser.add_argument("--refine-dropout", type=_float_in(0.0, 1.0, "a probability in [0, 1)", high_open=True),
+                        default=default["refine_dropout"], help="FPET refinement dropout (default: %(default)s)")
+    parser.add_argument("--backend", default=default["backend"], choices=BACKENDS,
+                        help="FPET kernel backend (default: %(default)s)")
+    parser.add_argument("--epochs", type=_int_at_least(1, "an epoch count"), default=default["epochs"],
+                        help="training epochs (default: %(default)s)")
+    parser.add_argument("--lr", type=_float_in(0.0, None, "a learning rate > 0", low_open=True),
+                        default=default["lr"], help="AdamW peak learning rate (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=_float_in(0.0, None, "a weight decay >= 0"),
+                        default=default["weight_decay"], help="AdamW weight decay (default: %(default)s)")
+    parser.add_argument("--warmup-epochs", type=_float_in(0.0, None, "a number of epochs >= 0"),
+                        default=default["warmup_epochs"],
+                        help="linear warm-up epochs before the cosine decay, at most --epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_int_at_least(1, "a batch size"), default=default["batch_size"],
+                        help="training and evaluation batch size (default: %(default)s)")
+    parser.add_argument("--label-smoothing", type=_float_in(0.0, 1.0, "a value in [0, 1)", high_open=True),
+                        default=default["label_smoothing"], help="cross-entropy label smoothing (default: %(default)s)")
+    parser.add_argument("--seed", type=_int_at_least(0, "a seed"), default=default["seed"],
+                        help="seeds the initialisation, dropout and data order (default: %(default)s)")
+    parser.add_argument("--threads", type=_int_at_least(1, "a thread count"), default=None,
+                        help="torch intra-op threads for training and timing (default: torch's setting)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"output folder (default: {out_default})")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a run already in --out")
+    parser.add_argument("--final", action="store_true",
+                        help="train on train800val200 (train + val), no validation; report the test accuracy")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--throughput-runs", type=_int_at_least(0, "a run count"), default=default["throughput_runs"],
+                        help="timed runs of the final eval throughput, median reported; 0 skips it "
+                        "(default: %(default)s)")
+
+
+def _add_train_parser(commands) -> None:
+    """The `fpet train` subcommand; flag defaults are read from TrainConfig, so the help shows the real ones."""
     from .train import TrainConfig
 
     default = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
@@ -451,56 +508,80 @@ def _add_train_parser(commands) -> None:
         "pet.safetensors. Peak memory is the process's peak RSS during each epoch's training steps (VmHWM, reset "
         "per epoch through /proc/self/clear_refs).",
     )
-    train.add_argument("--data", required=True, metavar="SPEC", help=f"data set: {', '.join(SPEC_FORMS)}")
-    train.add_argument("--model", default=default["model"], help=f"backbone: {MODEL_HELP} (default: %(default)s)")
-    train.add_argument("--checkpoint", default=None, metavar="PATH",
-                       help="local timm weights for a timm --model (default: random init)")
-    train.add_argument("--img-size", type=_int_at_least(1, "an image side in pixels"), default=None, metavar="SIZE",
-                       help="input side in pixels; images are resized to SIZExSIZE (default: the model's own)")
-    train.add_argument("--pet", default=default["pet"], choices=list(PET_METHODS),
-                       help="PET method with its default hyper-parameters; linear = linear probe, the head only "
-                       "(default: %(default)s)")
-    train.add_argument("--fpet", action=argparse.BooleanOptionalAction, default=default["fpet"],
-                       help="FPET token merging (default: on)")
-    train.add_argument("--layer", type=_int_at_least(0, "a block index"), default=None,
-                       help="FPET merge block (default: depth // 2)")
-    train.add_argument("--refine-dim", type=_int_at_least(0, "a width"), default=default["refine_dim"],
-                       help="FPET key refinement width; 0 disables it (default: %(default)s)")
-    train.add_argument("--refine-bits", type=int, choices=(1, 32), default=default["refine_bits"],
-                       help="FPET refinement weights: 1-bit or 32-bit (default: %(default)s)")
-    train.add_argument("--refine-scale", type=_float_in(float("-inf"), None, "a finite number"),
-                       default=default["refine_scale"], help="FPET refinement scale (default: %(default)s)")
-    train.add_argument("--refine-dropout", type=_float_in(0.0, 1.0, "a probability in [0, 1)", high_open=True),
-                       default=default["refine_dropout"], help="FPET refinement dropout (default: %(default)s)")
-    train.add_argument("--backend", default=default["backend"], choices=BACKENDS,
-                       help="FPET kernel backend (default: %(default)s)")
-    train.add_argument("--epochs", type=_int_at_least(1, "an epoch count"), default=default["epochs"],
-                       help="training epochs (default: %(default)s)")
-    train.add_argument("--lr", type=_float_in(0.0, None, "a learning rate > 0", low_open=True),
-                       default=default["lr"], help="AdamW peak learning rate (default: %(default)s)")
-    train.add_argument("--weight-decay", type=_float_in(0.0, None, "a weight decay >= 0"),
-                       default=default["weight_decay"], help="AdamW weight decay (default: %(default)s)")
-    train.add_argument("--warmup-epochs", type=_float_in(0.0, None, "a number of epochs >= 0"),
-                       default=default["warmup_epochs"],
-                       help="linear warm-up epochs before the cosine decay, at most --epochs (default: %(default)s)")
-    train.add_argument("--batch-size", type=_int_at_least(1, "a batch size"), default=default["batch_size"],
-                       help="training and evaluation batch size (default: %(default)s)")
-    train.add_argument("--label-smoothing", type=_float_in(0.0, 1.0, "a value in [0, 1)", high_open=True),
-                       default=default["label_smoothing"], help="cross-entropy label smoothing (default: %(default)s)")
-    train.add_argument("--seed", type=_int_at_least(0, "a seed"), default=default["seed"],
-                       help="seeds the initialisation, dropout and data order (default: %(default)s)")
-    train.add_argument("--threads", type=_int_at_least(1, "a thread count"), default=None,
-                       help="torch intra-op threads for training and timing (default: torch's setting)")
-    train.add_argument("--out", default=None, metavar="DIR",
-                       help="output folder (default: runs/<data>-<model>-<pet>[-fpet]-s<seed>)")
-    train.add_argument("--overwrite", action="store_true", help="replace the files of a run already in --out")
-    train.add_argument("--final", action="store_true",
-                       help="train on train800val200 (train + val), no validation; report the test accuracy")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("--throughput-runs", type=_int_at_least(0, "a run count"), default=default["throughput_runs"],
-                       help="timed runs of the final eval throughput, median reported; 0 skips it "
-                       "(default: %(default)s)")
+    _add_training_arguments(train, default["pet"], default["fpet"], "runs/<data>-<model>-<pet>[-fpet]-s<seed>")
     train.set_defaults(func=run_train)
+
+
+def _ratios(text: str) -> List[float]:
+    """Comma-separated keep ratios, each in (0, 1]."""
+    from .skip import check_keep_ratio
+
+    try:
+        values = [float(part) for part in text.split(",")]
+        return [check_keep_ratio(value, "each ratio") for value in values]
+    except ValueError as error:
+        message = str(error) if "each ratio" in str(error) else f"expected numbers like 0.5,0.35,0.25, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def run_skip(args: argparse.Namespace) -> int:
+    """`fpet skip`: SKIP end to end (fpet_kernels.skip.run_skip) from the parsed flags; 2 for a bad argument."""
+    from .skip_run import SkipConfig, run_skip as run
+    from .train import ConfigError, TrainConfig
+
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    values["progress"] = not args.no_progress
+    config = SkipConfig(
+        train=TrainConfig(**values), keep_ratios=tuple(args.keep_ratios), selection=args.selection,
+        min_keep_ratio=args.min_keep_ratio, fold_bias=args.fold_bias, retune_epochs=args.retune_epochs,
+        attribution_batches=args.attribution_batches, tuned=args.tuned,
+    )
+    try:
+        run(config)
+    except ConfigError as error:
+        return _config_error("fpet skip", error)
+    return 0
+
+
+def _add_skip_parser(commands) -> None:
+    """The `fpet skip` subcommand: `fpet train`'s flags (prompt tuning by default) and SKIP's own."""
+    from .skip import SELECTIONS
+
+    skip = commands.add_parser(
+        "skip",
+        one_line_errors=True,
+        help="SKIP: prompt-tune, find the FFN neurons the task uses, prune the rest, re-tune; report accuracy, "
+        "parameters, GFLOPs and throughput",
+        description="SKIP (skill-localized prompt tuning) for a ViT on CPU: (1) tune --pet (default vpt-shallow: "
+        "prompts + head, backbone frozen; `fpet train`'s engine and flags), (2) attribute every FFN neuron "
+        "(mean over training examples of the mean over tokens of |h * dz_y/dh| at mlp.act, z_y the gold logit; "
+        "size-weighted over FPET's merged tokens), (3) keep the top share per layer (--selection layer) or by one "
+        "global ranking with a per-layer minimum, (4) cut fc1 / fc2 down to the kept neurons (optionally folding "
+        "the removed ones' mean activation into fc2.bias), (5) re-tune prompts and head. One pruned model per "
+        "--keep-ratios value, from the same tuned model. Writes to --out: tuned/ (the tuning run), keep<R>/ "
+        "(log.jsonl and the pruned model's pet.safetensors, loadable by `fpet eval`), attribution.pt, "
+        "results.json and report.md (parameters before / after, GFLOPs, eval throughput vs the tuned model and the "
+        "backbone timed alternately, test accuracy after tuning, pruning and re-tuning).",
+    )
+    _add_training_arguments(skip, "vpt-shallow", False, "runs/skip-<task>-<model>[-fpet]-s<seed>")
+    skip.add_argument("--keep-ratios", type=_ratios, default=[0.5], metavar="R[,R...]",
+                      help="share(s) of FFN neurons kept, each in (0, 1] (default: 0.5)")
+    skip.add_argument("--selection", default="layer", choices=SELECTIONS,
+                      help="layer: the top share of every layer; global: one ranking over all layers with at least "
+                      "--min-keep-ratio per layer (default: %(default)s)")
+    skip.add_argument("--min-keep-ratio", type=_float_in(0.0, 1.0, "a ratio in (0, 1]", low_open=True), default=0.1,
+                      help="global selection: the per-layer minimum share kept (default: %(default)s)")
+    skip.add_argument("--fold-bias", action=argparse.BooleanOptionalAction, default=True,
+                      help="fold the removed neurons' mean activation into fc2.bias (default: on)")
+    skip.add_argument("--retune-epochs", type=_int_at_least(1, "an epoch count"), default=None,
+                      help="re-tuning epochs after pruning (default: --epochs)")
+    skip.add_argument("--attribution-batches", type=_int_at_least(1, "a batch count"), default=None,
+                      help="training batches of the attribution (default: the whole training split)")
+    skip.add_argument("--tuned", default=None, metavar="PET_CHECKPOINT",
+                      help="prune this already tuned model (a pet.safetensors of `fpet train` on the same --model, "
+                      "--checkpoint and --seed) instead of tuning one; --pet / --fpet then come from it")
+    skip.set_defaults(func=run_skip)
 
 
 def _add_eval_parser(commands) -> None:
@@ -688,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "triton backend, forward and backward)")
     report.set_defaults(func=run_gpu_report)
     _add_train_parser(commands)
+    _add_skip_parser(commands)
     _add_eval_parser(commands)
     _add_data_parser(commands)
     _add_visualize_parser(commands)

@@ -81,6 +81,7 @@ __all__ = [
     "learning_rate",
     "accuracy",
     "eval_throughput",
+    "fit",
     "train",
     "evaluate",
     "load_trained",
@@ -507,6 +508,94 @@ class _Threads:
         torch.set_num_threads(self.previous)
 
 
+# ---------------------------------------------------------------------------------------------- fit
+def fit(
+    model: nn.Module,
+    train_loader,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    warmup_epochs: float = 1.0,
+    label_smoothing: float = 0.0,
+    val_loader=None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    log_path: Optional[str] = None,
+    desc: str = "epoch",
+) -> Tuple[List[Dict[str, Any]], "PeakRSS"]:
+    """The training loop of :func:`train` (module docstring, "Recipe"): AdamW over the parameters that require grad,
+    the warm-up + cosine schedule per step (:func:`learning_rate`), cross-entropy; after each epoch the ``val_loader``
+    accuracy (if given), one ``log`` line, and a line in ``log_path`` (if given) with the keys :data:`LOG_KEYS`.
+    Runs with the current thread setting. Returns the epochs' log entries and the :class:`PeakRSS` used."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("fit: no parameter of the model requires grad (call mark_trainable first)")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = len(train_loader)
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
+    memory = PeakRSS()
+    epoch_logs: List[Dict[str, Any]] = []
+    step = 0
+    rate = lr
+    for epoch in range(1, epochs + 1):
+        model.train()
+        memory.reset()
+        start_rss = memory.current_mib()
+        loss_sum = 0.0
+        correct = seen = 0
+        epoch_start = time.perf_counter()
+        bar = _bar(train_loader, progress, f"{desc} {epoch}/{epochs}", total=steps_per_epoch)
+        for images, labels in bar:
+            rate = learning_rate(step, total_steps, warmup_steps, lr)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += float(loss.detach()) * labels.numel()
+            correct += int((logits.detach().argmax(dim=1) == labels).sum())
+            seen += int(labels.numel())
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{rate:.2e}", refresh=False)
+        seconds = time.perf_counter() - epoch_start
+        peak = memory.peak_mib()
+        val_acc = None
+        val_seconds = 0.0
+        if val_loader is not None:
+            val_start = time.perf_counter()
+            val_correct, val_total = accuracy(model, val_loader, progress=progress, desc="val")
+            val_seconds = time.perf_counter() - val_start
+            val_acc = val_correct / val_total
+        entry = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_acc": val_acc,
+            "lr": rate,
+            "seconds": seconds,
+            "img_per_s": seen / seconds,
+            "peak_rss_mib": peak,
+            "start_rss_mib": start_rss,
+            "val_seconds": val_seconds,
+        }
+        epoch_logs.append(entry)
+        if log_path is not None:
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        val_text = "" if val_acc is None else f", val acc {100 * val_acc:.2f}%"
+        log(
+            f"{desc} {epoch}/{epochs}: train loss {entry['train_loss']:.4f}, train acc "
+            f"{100 * entry['train_acc']:.2f}%{val_text}, lr {rate:.2e}, {seconds:.1f} s ({entry['img_per_s']:.1f} "
+            f"img/s), peak RSS {peak:.0f} MiB"
+        )
+
+    return epoch_logs, memory
+
+
 # ---------------------------------------------------------------------------------------------- train
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the fine-tuning job ``config`` (module docstring) and return the ``results.json`` object.
@@ -565,76 +654,17 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, 
     train_loader = _loader(splits[train_split], config.batch_size, shuffle=True, seed=config.seed)
     val_loader = None if config.final else _loader(splits["val"], config.batch_size, shuffle=False)
     test_loader = _loader(splits["test"], config.batch_size, shuffle=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = len(train_loader)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
-
     log(
         f"{config.model} + {config.pet}{' + FPET (merge block ' + str(layer) + ')' if config.fpet else ''} on "
         f"{spec} ({num_classes} classes, {len(splits[train_split])} {train_split} images, {side}x{side}); "
         f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.2f}%)"
     )
-    memory = PeakRSS()
-    log_path = os.path.join(out, "log.jsonl")
-    epoch_logs: List[Dict[str, Any]] = []
-    step = 0
-    lr = config.lr
     with _Threads(threads):
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            memory.reset()
-            start_rss = memory.current_mib()
-            loss_sum = 0.0
-            correct = seen = 0
-            epoch_start = time.perf_counter()
-            bar = _bar(train_loader, config.progress, f"epoch {epoch}/{config.epochs}", total=steps_per_epoch)
-            for images, labels in bar:
-                lr = learning_rate(step, total_steps, warmup_steps, config.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                loss_sum += float(loss.detach()) * labels.numel()
-                correct += int((logits.detach().argmax(dim=1) == labels).sum())
-                seen += int(labels.numel())
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr:.2e}", refresh=False)
-            seconds = time.perf_counter() - epoch_start
-            peak = memory.peak_mib()
-            val_acc = None
-            val_seconds = 0.0
-            if val_loader is not None:
-                val_start = time.perf_counter()
-                val_correct, val_total = accuracy(model, val_loader, progress=config.progress, desc="val")
-                val_seconds = time.perf_counter() - val_start
-                val_acc = val_correct / val_total
-            entry = {
-                "epoch": epoch,
-                "train_loss": loss_sum / seen,
-                "train_acc": correct / seen,
-                "val_acc": val_acc,
-                "lr": lr,
-                "seconds": seconds,
-                "img_per_s": seen / seconds,
-                "peak_rss_mib": peak,
-                "start_rss_mib": start_rss,
-                "val_seconds": val_seconds,
-            }
-            epoch_logs.append(entry)
-            with open(log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry, sort_keys=True) + "\n")
-            val_text = "" if val_acc is None else f", val acc {100 * val_acc:.2f}%"
-            log(
-                f"epoch {epoch}/{config.epochs}: train loss {entry['train_loss']:.4f}, train acc "
-                f"{100 * entry['train_acc']:.2f}%{val_text}, lr {lr:.2e}, {seconds:.1f} s ({entry['img_per_s']:.1f} "
-                f"img/s), peak RSS {peak:.0f} MiB"
-            )
-
+        epoch_logs, memory = fit(
+            model, train_loader, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+            warmup_epochs=config.warmup_epochs, label_smoothing=config.label_smoothing, val_loader=val_loader,
+            progress=config.progress, log=log, log_path=os.path.join(out, "log.jsonl"),
+        )
         test_correct, test_total = accuracy(model, test_loader, progress=config.progress, desc="test")
     save_pet(model, os.path.join(out, "pet.safetensors"))
     images = _first_images(splits["test"], config.batch_size)

@@ -1,4 +1,4 @@
-"""The experiment scripts of python/: the accuracy table and the linear probe, on a shortened run."""
+"""The experiment scripts of python/: the accuracy table, the SKIP table and the linear probe, on shortened runs."""
 from __future__ import annotations
 
 import importlib.util
@@ -46,6 +46,28 @@ def test_accuracy_table_quick_run(tmp_path, capsys):
                        "--timing-runs", "1", "--out", str(out), "--runs", str(tmp_path / "runs"), "--resume"]) == 0
     assert os.path.getmtime(tmp_path / "runs" / "count" / "fpet-lora" / "pet.safetensors") == mtime
     assert json.loads((out / "accuracy_table.json").read_text())["accuracy"] == report["accuracy"]
+
+
+def test_skip_table_quick_run(tmp_path):
+    table = _script("skip_table")
+    out = tmp_path / "out"
+    args = ["--quick", "--tasks", "count", "--threads", "1", "--out", str(out), "--runs", str(tmp_path / "runs")]
+    assert table.main(args) == 0
+    report = json.loads((out / "skip_table.json").read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["prompt tuning (VPT)", "SKIP keep 0.5", "FPET+VPT", "FPET+SKIP keep 0.5"]
+    for name in names:
+        assert 0.0 <= report["accuracy"][name]["count"] <= 100.0
+    speed = report["speed"]
+    assert speed["SKIP keep 0.5"]["gflops_per_image"] < speed["prompt tuning (VPT)"]["gflops_per_image"]
+    assert speed["FPET+SKIP keep 0.5"]["gflops_per_image"] < speed["SKIP keep 0.5"]["gflops_per_image"]
+    assert report["ffn_params"]["SKIP keep 0.5"] < 0.51 * report["ffn_params"]["prompt tuning (VPT)"]
+    assert [goal["met"] in (True, False) for goal in report["goals"]] == [True, True]
+    markdown = (out / "skip_table.md").read_text()
+    assert "| FPET+SKIP keep 0.5 |" in markdown and "| goal |" in markdown
+    mtime = os.path.getmtime(tmp_path / "runs" / "count" / "vpt" / "keep0.5" / "pet.safetensors")
+    assert table.main(args + ["--resume"]) == 0  # reuses the jobs: nothing retrained
+    assert os.path.getmtime(tmp_path / "runs" / "count" / "vpt" / "keep0.5" / "pet.safetensors") == mtime
 
 
 def test_accuracy_table_refuses_unknown_methods(tmp_path):

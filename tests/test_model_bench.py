@@ -20,6 +20,9 @@ def test_bench_writes_the_report(tmp_path, capsys):
     assert main(["bench", *TINY, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["models"]["test_vit"]["variants"]
+    from fpet_kernels.backends import resolve_backend
+
+    assert report["models"]["test_vit"]["merge_backend"] == resolve_backend("auto", torch.device("cpu")).name
     tome = [name for name in rows if name.startswith("ToMe r=")]
     assert {"backbone", "free halving", *model_bench.PET_VARIANTS} <= set(rows) and 1 <= len(tome) <= 3
     assert rows["backbone"]["vs_backbone"] == 1.0

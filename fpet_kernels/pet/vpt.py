@@ -34,7 +34,10 @@ class VisualPrompts(nn.Module):
         return self.prompts.shape[0] > 1
 
     def _prompts(self, layer: int, batch: int, like: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.prompts[layer].to(like.dtype)).unsqueeze(0).expand(batch, -1, -1)
+        # Without grad mode the prompts are detached first: in inference mode a view of a parameter still says
+        # requires_grad but has no grad_fn, which breaks module hooks that look for one (FlopCounterMode's tracker).
+        prompts = self.prompts if torch.is_grad_enabled() else self.prompts.detach()
+        return self.dropout(prompts[layer].to(like.dtype)).unsqueeze(0).expand(batch, -1, -1)
 
     def insert(self, module: nn.Module, args: Tuple[Any, ...], x: torch.Tensor) -> torch.Tensor:
         """Forward hook after the embeddings: ``[B, N, C] -> [B, N + p, C]``."""

@@ -19,6 +19,7 @@ and measures, in one process, every variant alternately (round-robin, so machine
   fine-tuning, every parameter; ToMe and free halving are inference-only and train nothing);
 * the training step (forward, backward, AdamW step over the trainable parameters, cross-entropy on random labels)
   at ``train_batch``: median seconds over ``train_rounds`` alternated rounds, for the PET variants;
+* the FPET merge backend that ran (``auto`` resolved: ``cpp`` on CPU with the extension built);
 * the training step's peak memory: each PET variant in a **fresh process** (``python -m
   fpet_kernels.tools.model_bench --memory-worker``) builds the model and the optimizer, then runs one training step;
   reported are the peak RSS of that process during the step (``VmHWM`` after resetting it through
@@ -273,7 +274,10 @@ def run(
                 rows[name]["train_step_seconds"] = steps[name]
                 rows[name]["train_memory"] = measure_memory(model_name, name, img_size=img_size, batch=train_batch,
                                                             threads=threads, backend=backend)
-        report["models"][model_name] = {"img_size": list(side), "variants": rows}
+        from ..train import _merge_backend
+
+        report["models"][model_name] = {"img_size": list(side), "variants": rows,
+                                        "merge_backend": _merge_backend(variants["FPET+LoRA"])}
         del variants
     return report
 
@@ -283,8 +287,9 @@ def markdown(report: Dict[str, Any]) -> str:
     out = []
     for model_name, entry in report["models"].items():
         rows = entry["variants"]
+        backend = f", merge backend {entry['merge_backend']}" if entry.get("merge_backend") else ""
         out.append(f"**{model_name}** ({entry['img_size'][0]}x{entry['img_size'][1]}, eval batch "
-                   f"{report['settings']['batch']}, train batch {report['settings']['train_batch']}; "
+                   f"{report['settings']['batch']}, train batch {report['settings']['train_batch']}{backend}; "
                    f"{report['machine']})\n")
         out.append("| variant | img/s | (min-max) | vs backbone | batch-1 p50 / p90 ms | GFLOPs | params | trainable "
                    "| train step s | step memory MiB (peak RSS) |")
