@@ -6,14 +6,16 @@
 For every pocket-VTAB task, two :func:`fpet_kernels.skip_run.run_skip` jobs (the engine behind ``fpet skip``) on the
 shipped backbone: VPT-shallow (10 prompts + head, backbone frozen) without and with FPET (merge block 4 of 8), each
 tuned for ``--epochs`` on ``train800val200`` and scored once on ``test``; then, from that tuned model and one
-attribution over its training images, one pruned model per keep ratio (``--keep-ratios``, per-layer selection,
-bias fold on), each re-tuned for ``--retune-epochs`` and scored on ``test`` again. The same seed and recipe for every
-run (AdamW, lr 1e-3, weight decay 1e-4, batch 64, one warm-up epoch then a cosine decay).
+attribution over its training images, one pruned model per keep ratio (``--keep-ratios``; ``--selection``,
+default ``global``: one ranking over all layers with at least ``--min-keep-ratio`` of each; bias fold on), each
+re-tuned for ``--retune-epochs`` and scored on ``test`` again. The same seed and recipe for every run (AdamW,
+lr 1e-3, weight decay 1e-4, batch 64, one warm-up epoch then a cosine decay).
 
 Throughput is measured once at the end, in one process: the plain backbone and every method's model of the first
-task (rebuilt from their checkpoints; with per-layer selection every task prunes to the same widths, so the speed
-is the same for all tasks) timed round-robin (fpet_kernels.tools.benchmark) on a batch of ``--batch-size`` test
-images with ``--threads`` threads, the median of ``--timing-runs`` rounds after warm-up. GFLOPs per image from
+task (rebuilt from their checkpoints; the same keep ratio keeps the same number of FFN neurons in every task, so
+nearly the same GFLOPs; with ``global`` selection their split over the layers differs by task) timed round-robin
+(fpet_kernels.tools.benchmark) on a batch of ``--batch-size`` test images with ``--threads`` threads, the median
+of ``--timing-runs`` rounds after warm-up. GFLOPs per image from
 torch's ``FlopCounterMode``.
 
 Outputs in ``--out`` (default ``docs/results``): ``skip_table.json`` (every job's results.json, the timing, the
@@ -50,7 +52,8 @@ def _job(task: str, fpet: bool, args: argparse.Namespace, runs_dir: str) -> Dict
                           epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                           threads=args.threads, out=out, overwrite=True, final=True, progress=False,
                           throughput_runs=0),
-        keep_ratios=tuple(args.keep_ratios), retune_epochs=args.retune_epochs,
+        keep_ratios=tuple(args.keep_ratios), retune_epochs=args.retune_epochs, selection=args.selection,
+        min_keep_ratio=args.min_keep_ratio,
     )
     settings = {"train": dataclasses.asdict(config.train), **{k: v for k, v in dataclasses.asdict(config).items()
                                                                 if k != "train"}}
@@ -62,7 +65,22 @@ def _job(task: str, fpet: bool, args: argparse.Namespace, runs_dir: str) -> Dict
             if json.load(handle) == settings:
                 with open(results_path, encoding="utf-8") as handle:
                     return json.load(handle)
+    tuned = os.path.join(out, "tuned", "pet.safetensors")
+    if args.reuse_tuned and os.path.isfile(tuned) and os.path.isfile(settings_path):
+        with open(settings_path, encoding="utf-8") as handle:
+            if json.load(handle)["train"] == settings["train"]:  # the same tuning: prune that model again
+                moved = os.path.join(out, "tuned.reused.safetensors")
+                os.replace(tuned, moved)
+                config = dataclasses.replace(config, tuned=moved)
     results = run_skip(config, log=lambda line: None)
+    if config.tuned is not None:
+        os.replace(config.tuned, tuned)
+        results["tuned"]["checkpoint"] = tuned
+        results["tuned"]["epochs"] = args.epochs
+        results["tuned_reused"] = True
+        with open(results_path, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, sort_keys=True)
+            handle.write("\n")
     with open(settings_path, "w", encoding="utf-8") as handle:
         json.dump(settings, handle, indent=2, sort_keys=True)
     return results
@@ -133,7 +151,8 @@ def markdown(report: Dict[str, Any]) -> str:
                  f"{base['vs_prompt_tuning']:.2f}x | 1.00x |")
     lines += ["", "| goal | best candidate | measured | met? |", "|---|---|---|---|"]
     for goal in report["goals"]:
-        lines.append(f"| {goal['goal']} | {goal['candidate']} | {goal['measured']} | {'met' if goal['met'] else 'missed'} |")
+        met = "met" if goal["met"] else "missed"
+        lines.append(f"| {goal['goal']} | {goal['candidate']} | {goal['measured']} | {met} |")
     return "\n".join(lines)
 
 
@@ -143,7 +162,10 @@ def goals(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     speed = report["speed"]
     skip_rows = [r["name"] for r in report["rows"] if r["run"] is not None and not r["fpet"]]
     ok = [n for n in skip_rows if report["mean"][n] >= vpt - 1.0]
-    best = max(ok, key=lambda n: speed[n]["vs_prompt_tuning"]) if ok else max(skip_rows, key=lambda n: report["mean"][n])
+    if ok:
+        best = max(ok, key=lambda n: speed[n]["vs_prompt_tuning"])
+    else:
+        best = max(skip_rows, key=lambda n: report["mean"][n])
     first = {
         "goal": "SKIP >= 1.5x eval throughput (vs prompt tuning) with <= 1 point mean accuracy loss",
         "candidate": best,
@@ -172,6 +194,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--keep-ratios", default="0.5,0.35,0.25", help="keep ratios (default: 0.5,0.35,0.25)")
     parser.add_argument("--epochs", type=int, default=10, help="prompt-tuning epochs (default 10)")
     parser.add_argument("--retune-epochs", type=int, default=5, help="re-tuning epochs after pruning (default 5)")
+    parser.add_argument("--selection", default="global", choices=("layer", "global"),
+                        help="neuron selection (default global: one ranking over all layers)")
+    parser.add_argument("--min-keep-ratio", type=float, default=0.1,
+                        help="global selection: the per-layer minimum share kept (default 0.1)")
+    parser.add_argument("--reuse-tuned", action="store_true",
+                        help="prune the tuned models already in --runs (same tuning settings) again instead of "
+                        "re-tuning them (e.g. for another --selection)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -240,7 +269,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "ffn_params": ffn_params,
         "speed": speed,
         "settings": {"model": args.model, "epochs": args.epochs, "retune_epochs": args.retune_epochs,
-                     "keep_ratios": args.keep_ratios, "selection": "layer", "fold_bias": True, "lr": args.lr,
+                     "keep_ratios": args.keep_ratios, "selection": args.selection,
+                     "min_keep_ratio": args.min_keep_ratio if args.selection == "global" else None,
+                     "fold_bias": True, "lr": args.lr,
                      "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads,
                      "timing_rounds": args.timing_runs, "timing_task": tasks[0],
                      "protocol": "tune on train800val200, attribute on it, prune, re-tune on it, score test (500)"},
@@ -252,14 +283,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     report["goals"] = goals(report)
     table = markdown(report)
+    reuses = sum(bool(job.get("tuned_reused")) for group in jobs.values() for job in group.values())
+    reused = (f" ({reuses} of them pruned a tuned model of an earlier run with the same tuning settings; "
+               "that tuning's time is not counted)"
+              if reuses else "")
     with open(os.path.join(args.out, "skip_table.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2, sort_keys=True)
         handle.write("\n")
     with open(os.path.join(args.out, "skip_table.md"), "w", encoding="utf-8") as handle:
         handle.write(f"Test accuracy (%) on pocket-VTAB, {args.model} + VPT-shallow (10 prompts), {args.epochs} tuning "
-                     f"epochs, {args.retune_epochs} re-tuning epochs after pruning, seed {args.seed}; eval img/s at "
+                     f"epochs, {args.retune_epochs} re-tuning epochs after pruning, {args.selection} selection"
+                     f"{f' (at least {args.min_keep_ratio:g} per layer)' if args.selection == 'global' else ''}, "
+                     f"seed {args.seed}; eval img/s at "
                      f"batch {args.batch_size}, {report['machine']}; the {2 * len(tasks)} jobs took "
-                     f"{jobs_seconds / 60:.1f} min; {report['date']}.\n\n{table}\n")
+                     f"{jobs_seconds / 60:.1f} min{reused}; {report['date']}.\n\n{table}\n")
     print("\n" + table)
     print(f"\nwrote {args.out}/skip_table.json and skip_table.md ({report['wall_seconds'] / 60:.1f} min; the jobs "
           f"took {jobs_seconds / 60:.1f} min)")
