@@ -5,6 +5,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -15,6 +16,28 @@ from .pet import add_pet
 from .tools import benchmark
 from .vit import find_vision_transformer
 from .vit_patch import apply_fpet, get_fpet_patch
+
+
+def _model_flag(error: BaseException, checkpoint: Optional[str], model_flag: str = "--model") -> str:
+    """The flag a ``models.create_model`` error is about: --checkpoint, --img-size, --num-classes or the model's."""
+    text = str(error)
+    if checkpoint is not None and str(checkpoint) in text:
+        return "--checkpoint"
+    if "img_size" in text:
+        return "--img-size"
+    if "num_classes" in text:
+        return "--num-classes"
+    return model_flag
+
+
+def _grid_mistake(model, name: str) -> Optional[str]:
+    """Why ``model``'s input size does not fit its patch grid (a side not a multiple of the patch side), or None."""
+    embed = find_vision_transformer(model).patch_embed
+    size, patch = tuple(int(s) for s in embed.img_size), tuple(int(p) for p in embed.patch_size)
+    if any(side % step for side, step in zip(size, patch)):
+        return (f"{name} has {patch[0]}x{patch[1]} patches, so the input sides must be multiples of them, "
+                f"got {size[0]}x{size[1]}")
+    return None
 
 
 def _format_tokens(counts: List[int]) -> str:
@@ -36,8 +59,14 @@ def _run_timing_demo(args: argparse.Namespace) -> int:
     try:
         backbone = create_model(args.model, args.num_classes, checkpoint=args.checkpoint, img_size=args.img_size)
     except (ValueError, FileNotFoundError) as error:  # an unknown or non-ViT model, a bad size or checkpoint
-        print(f"fpet demo: error: {error}", file=sys.stderr)
-        return 2
+        return _usage_error("fpet demo", f"argument {_model_flag(error, args.checkpoint)}: {error}", error)
+    mistake = _grid_mistake(backbone, args.model)
+    if mistake:
+        return _usage_error("fpet demo", f"argument --img-size: {mistake}")
+    depth = len(find_vision_transformer(backbone).blocks)
+    if args.layer is not None and not 0 <= args.layer < depth:
+        return _usage_error("fpet demo", f"argument --layer: expected a merge block in [0, {depth}) for {args.model} "
+                            f"({depth} blocks), got {args.layer}")
     lora = add_pet(copy.deepcopy(backbone), "lora")
     fpet_lora = apply_fpet(add_pet(copy.deepcopy(backbone), "lora"), args.layer, backend=args.backend)
     models = {"backbone": backbone, "LoRA": lora, "FPET+LoRA": fpet_lora}
@@ -80,10 +109,18 @@ def _run_finetune_demo(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from .data import default_transform, load_pocket_vtab
-    from .models import POCKET_VIT_NAME, create_model
+    from .data import default_transform, get_task, load_pocket_vtab
+    from .models import POCKET_VIT, POCKET_VIT_NAME, create_model
     from .train import ConfigError, TrainConfig, load_trained, train
 
+    try:  # both mistakes are reported before the first of the two runs, not after it
+        get_task(args.task)
+    except ValueError as error:
+        return _usage_error("fpet demo", f"argument --task: {error}", error)
+    depth = POCKET_VIT["depth"]
+    if args.layer is not None and not 0 <= args.layer < depth:
+        return _usage_error("fpet demo", f"argument --layer: expected a merge block in [0, {depth}) for "
+                            f"{POCKET_VIT_NAME} ({depth} blocks), got {args.layer}")
     with tempfile.TemporaryDirectory(prefix="fpet-demo-") as scratch:
         out = args.out or scratch
         results, folders = {}, {}
@@ -99,6 +136,8 @@ def _run_finetune_demo(args: argparse.Namespace) -> int:
             try:
                 results[name] = train(config, log=lambda line: print("    " + line, flush=True))
             except ConfigError as error:
+                if error.field == "data":  # the demo's data set is --task
+                    error = ConfigError("task", error.message)
                 return _config_error("fpet demo", error)
         torch.manual_seed(args.seed)
         models = {"backbone": create_model(POCKET_VIT_NAME, results["LoRA"]["num_classes"])}
@@ -169,10 +208,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
     for name in models:  # a bad name is one error line, before anything is timed
         try:
-            create_model(name, 0, img_size=args.img_size)
+            mistake = _grid_mistake(create_model(name, 0, img_size=args.img_size), name)
         except (ValueError, FileNotFoundError) as error:
-            print(f"fpet bench: error: --models: {error}", file=sys.stderr)
-            return 2
+            return _usage_error("fpet bench", f"argument {_model_flag(error, None, '--models')}: {error}", error)
+        if mistake:
+            return _usage_error("fpet bench", f"argument --img-size: {mistake}")
     stages = 4 + (1 + len(model_bench.PET_VARIANTS) if not args.no_train else 0)
     bar = tqdm(total=stages * len(models), desc="bench", unit="stage", disable=args.no_progress)
 
@@ -215,20 +255,49 @@ def run_gpu_report(args: argparse.Namespace) -> int:
     """Compile every Triton kernel for real GPU targets and read the CUDA C++ kernels of the built extension (no
     GPU needed); print the resource table, or the roofline model with --roofline. Exit status 1 when the check finds
     a problem (spills, shared memory, tensor cores, a kernel never launched, a CUDA arch missing from the build)."""
+    import importlib
+
     from .tools import gpu_report  # a developer tool: imported only when this command runs
 
+    if args.launcher is not None:
+        module, _, function = args.launcher.partition(":")
+        try:
+            found = callable(getattr(importlib.import_module(module), function, None)) if module and function else None
+        except ImportError as error:
+            return _usage_error("fpet gpu-report", f"argument --launcher: cannot import {module!r}: {error}", error)
+        if not found:
+            what = "expected module:function" if found is None else f"{module} has no function {function!r}"
+            return _usage_error("fpet gpu-report", f"argument --launcher: {what}, got {args.launcher!r}")
     return gpu_report.main(args)
 
 
+GPU_REPORT_DTYPES = ("fp32", "bf16", "fp16", "fp64")
+
+
+def _dtypes(text: str) -> List[str]:
+    """An argparse type: comma-separated dtypes of ``fpet gpu-report`` (GPU_REPORT_DTYPES)."""
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    if not dtypes or any(d not in GPU_REPORT_DTYPES for d in dtypes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated dtypes from {', '.join(GPU_REPORT_DTYPES)}, "
+                                         f"got {text!r}")
+    return dtypes
+
+
 def _archs(text: str) -> List[int]:
-    archs = [int(a) for a in text.replace(";", ",").split(",") if a.strip()]
-    if not archs:
+    try:
+        archs = [int(a) for a in text.replace(";", ",").split(",") if a.strip()]
+    except ValueError:
+        archs = []
+    if not archs or min(archs) < 10:
         raise argparse.ArgumentTypeError(f"expected compute capabilities like 80,90, got {text!r}")
     return archs
 
 
 def _img_size(text: str) -> List[int]:
-    parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 1:
@@ -287,10 +356,31 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+DEBUG_ENV = "FPET_DEBUG"
+"""With ``FPET_DEBUG=1`` (any value but empty or 0) an error is raised with its Python traceback instead of being
+printed as one line."""
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _usage_error(prog: str, message: str, error: Optional[BaseException] = None) -> int:
+    """Print the one line ``fpet <command>: error: message`` (a usage mistake) and return 2; with FPET_DEBUG set,
+    raise ``error`` (the exception behind the message) instead."""
+    if error is not None and _debug():
+        raise error
+    print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
+    return 2
+
+
 def _config_error(prog: str, error) -> int:
     """Print a ConfigError as the one line ``fpet <command>: error: argument --flag: message``; return 2."""
-    print(f"{prog}: error: argument {_flag(error.field)}: {error.message}", file=sys.stderr)
-    return 2
+    return _usage_error(prog, f"argument {_flag(error.field)}: {error.message}", error)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -382,6 +472,9 @@ def run_visualize(args: argparse.Namespace) -> int:
             model = load_trained(args.pet_checkpoint, model=args.model, checkpoint=args.checkpoint, seed=args.seed)
         else:
             model = _build_backbone(args.model, 0, args.checkpoint, args.img_size, args.seed)
+            mistake = _grid_mistake(model, args.model)
+            if mistake:
+                raise ConfigError("img_size", mistake)
             depth = len(find_vision_transformer(model).blocks)
             if args.layer is not None and not 0 <= args.layer < depth:
                 raise ConfigError("layer",
@@ -422,9 +515,10 @@ def _add_visualize_parser(commands) -> None:
     parser.add_argument("--pet-checkpoint", default=None,
                         help="a PET checkpoint written by fpet train (pet.safetensors)")
     parser.add_argument("--img-size", type=_img_size, default=None, help="input size for a timm --model (SIZE or HxW)")
-    parser.add_argument("--layer", type=int, default=None,
+    parser.add_argument("--layer", type=_int_at_least(0, "a block index"), default=None,
                         help="merge block without --pet-checkpoint (default depth // 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a random-init backbone (as in fpet train)")
+    parser.add_argument("--seed", type=_int_at_least(0, "a seed"), default=0,
+                        help="seed of a random-init backbone (as in fpet train)")
     parser.add_argument("--out", default="merge.png", help="output PNG (default merge.png)")
     parser.set_defaults(func=run_visualize)
 
@@ -647,28 +741,65 @@ def _add_data_parser(commands) -> None:
 
 
 class _CommandParser(argparse.ArgumentParser):
-    """An ArgumentParser whose ``one_line_errors=True`` commands (train, eval, data) report a usage mistake as the
-    single line ``fpet <command>: error: ...`` (exit status 2), without the usage text."""
+    """An ArgumentParser whose ``one_line_errors=True`` parsers (``fpet`` and every command) report a usage mistake
+    as the single line ``fpet <command>: error: ...`` (exit status 2), without the usage text; ``hint`` is appended
+    to that line."""
 
-    def __init__(self, *args, one_line_errors: bool = False, **kwargs) -> None:
+    def __init__(self, *args, one_line_errors: bool = False, hint: str = "", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.one_line_errors = one_line_errors
+        self.hint = hint
 
     def error(self, message: str):
         if not self.one_line_errors:
             super().error(message)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}{self.hint}\n")
+
+
+def version_line() -> str:
+    """``fpet <version> (torch <version>, timm <version>)``: what ``fpet --version`` prints."""
+    from importlib import metadata
+
+    from .version import __version__
+
+    try:
+        timm_version = metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        timm_version = "not installed"
+    return f"fpet {__version__} (torch {torch.__version__}, timm {timm_version})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print :func:`version_line` and exit 0 (computed only when asked for)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_line())
+        parser.exit(0)
+
+
+EPILOG = (
+    "Exit status: 0 on success, 2 for a usage mistake (one line 'fpet <command>: error: ...' on stderr), 1 for a "
+    "run that failed (also one line; gpu-report: problems found), 130 when interrupted. Set FPET_DEBUG=1 to get "
+    "the Python traceback of an error instead of the one line."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _CommandParser(prog="fpet", description="FPET token merging and PET for timm ViTs.")
+    parser = _CommandParser(prog="fpet", description="FPET token merging and PET for timm ViTs.", epilog=EPILOG,
+                            one_line_errors=True, hint=" (fpet --help lists the commands)")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the fpet, torch and timm versions and exit")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     demo = commands.add_parser(
         "demo",
+        one_line_errors=True,
         help="fine-tune LoRA and FPET+LoRA on the shipped pocket ViT and compare accuracy, GFLOPs, tokens per block "
         "and CPU eval throughput (or, with a timm --model, a timing-only comparison)",
-        description="The main demo (default --model pocket-vit): fine-tune LoRA and FPET+LoRA on the shipped pretrained "
-        "pocket ViT on one pocket-VTAB task (generated on first use; the engine of `fpet train`, trained on "
+        description="The main demo (default --model pocket-vit): fine-tune LoRA and FPET+LoRA on the shipped "
+        "pretrained pocket ViT on one pocket-VTAB task (generated on first use; the engine of `fpet train`, trained on "
         "train800val200, scored on test), then compare them with the plain backbone: test accuracy, trainable "
         "parameters, tokens per block, GFLOPs per image (FlopCounterMode) and eval throughput on this CPU, models "
         "alternated. With a timm VisionTransformer name as --model (random init unless --checkpoint), or "
@@ -687,18 +818,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timing-only", action="store_true",
                       help="skip fine-tuning: time the untrained models only (implied by a timm --model)")
     demo.add_argument("--checkpoint", default=None, help="timing only: local timm checkpoint (.pth/.safetensors)")
-    demo.add_argument("--num-classes", type=int, default=1000,
+    demo.add_argument("--num-classes", type=_int_at_least(0, "a class count"), default=1000,
                       help="timing only: classifier size (a --checkpoint head of another size is dropped)")
     demo.add_argument("--img-size", type=_img_size, default=None,
                       help="timing only: input size, SIZE or HxW (default: 224, 64 for pocket-vit)")
-    demo.add_argument("--layer", type=int, default=None, help="merge block (default depth // 2)")
+    demo.add_argument("--layer", type=_int_at_least(0, "a block index"), default=None,
+                      help="merge block (default depth // 2)")
     demo.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend for the merge")
-    demo.add_argument("--batch-size", type=int, default=None,
+    demo.add_argument("--batch-size", type=_int_at_least(1, "a batch size"), default=None,
                       help="training and timing batch (default: 64 when fine-tuning, 16 timing only)")
-    demo.add_argument("--runs", type=int, default=None,
+    demo.add_argument("--runs", type=_int_at_least(1, "a run count"), default=None,
                       help="timed rounds, the median is reported (default: 10 when fine-tuning, 5 timing only)")
-    demo.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    demo.add_argument("--threads", type=int, default=2, help="torch intra-op threads for training and timing")
+    demo.add_argument("--warmup", type=_int_at_least(0, "a round count"), default=2,
+                      help="untimed rounds first (default: %(default)s)")
+    demo.add_argument("--threads", type=_int_at_least(1, "a thread count"), default=2,
+                      help="torch intra-op threads for training and timing (default: %(default)s)")
     demo.set_defaults(func=run_demo)
 
     bench = commands.add_parser(
@@ -742,6 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "gpu-report",
+        one_line_errors=True,
         help="compile every Triton kernel for sm_80/sm_90 and read the CUDA kernels of the built extension (no GPU); "
         "check registers, spills, shared memory and tensor-core use",
         description="Compile every Triton kernel of the package (every autotune config and dtype, at the signatures "
@@ -757,9 +892,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "an arch the extension was not built for is a problem")
     report.add_argument("--first-config", action="store_true", help="only the first autotune config (faster)")
     report.add_argument("--no-cuda", action="store_true", help="skip the CUDA C++ kernels")
-    report.add_argument("--dtypes", type=lambda text: text.split(","), default=None,
+    report.add_argument("--dtypes", type=_dtypes, default=None,
                         help="only these dtypes, e.g. bf16,fp16 (default: fp32, bf16, fp16; CUDA C++ also fp64)")
-    report.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    report.add_argument("--jobs", type=_int_at_least(1, "a process count"), default=None,
+                        help="parallel compile processes (default: CPU count)")
     report.add_argument("--roofline", action="store_true",
                         help="print the roofline model of each op at ViT-B/16 shapes (a model, not a measurement)")
     report.add_argument("--json", action="store_true",
@@ -777,8 +913,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``fpet`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    Usage mistakes are one line on stderr: argparse's (raises SystemExit(2)) and the commands' own checks (return
+    2). Any other ValueError, TypeError or OSError out of a command (a run that failed, e.g. an unreadable file) is
+    printed as the one line ``fpet <command>: error: <message>`` and returns 1 (a ConfigError: 2, naming its flag);
+    Ctrl-C returns 130. With FPET_DEBUG=1 these are raised with their traceback instead. Other exceptions (bugs)
+    always propagate with their traceback.
+    """
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    prog = f"fpet {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as error:
+        train = sys.modules.get(f"{__package__}.train")  # loaded if a ConfigError can have been raised
+        if train is not None and isinstance(error, train.ConfigError):
+            return _config_error(prog, error)
+        if _debug():
+            raise
+        message = _one_line(error) or type(error).__name__
+        print(f"{prog}: error: {message} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

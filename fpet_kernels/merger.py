@@ -1,7 +1,7 @@
 """TokenMerger: the key refinement adapter followed by the fused merge (docs/design.md §2 steps 2-6)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -76,16 +76,26 @@ class TokenMerger(nn.Module):
         size: Optional[torch.Tensor],
         grid_size: Sequence[int],
         num_prefix_tokens: int,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x ``[B, N, C]``, metric ``[B, N, Dh]``, size ``[B, N]`` or None -> ``(x' [B, NB, C], size' [B, NB])``."""
-        return ops.merge_tokens(
-            x,
-            self.refine(metric),
-            size,
-            grid_size=grid_size,
-            num_prefix_tokens=num_prefix_tokens,
-            backend=self.backend,
-        )
+        return_index: bool = False,
+    ) -> Union[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """x ``[B, N, C]``, metric ``[B, N, Dh]``, size ``[B, N]`` or None -> ``(x' [B, NB, C], size' [B, NB])``.
+
+        With ``return_index`` also the assignment ``k(i)`` ``[B, NA]`` int64 the merge used, through the unfused ops
+        (similarity, STE match, merge: the same values and gradients as :func:`ops.merge_tokens`; one extra
+        ``[B, NA, NB]`` score matrix)."""
+        refined = self.refine(metric)
+        if not return_index:
+            return ops.merge_tokens(x, refined, size, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens,
+                                    backend=self.backend)
+        scores = ops.checkerboard_similarity(refined, grid_size, num_prefix_tokens, backend=self.backend)
+        matching, index = ops.ste_match(scores, backend=self.backend)
+        if torch.is_grad_enabled():
+            merged, merged_size = ops.scatter_mean_merge_dense(x, size, matching, grid_size,
+                                                               num_prefix_tokens, backend=self.backend)
+        else:
+            merged, merged_size = ops.scatter_mean_merge(x, size, index, grid_size, num_prefix_tokens,
+                                                         backend=self.backend)
+        return merged, merged_size, index
 
     def extra_repr(self) -> str:
         return (

@@ -310,6 +310,10 @@ def create_model(
             f"deit_*: a patch grid plus prefix tokens); hierarchical or convolutional models have no single token "
             f"grid to merge on"
         )
+    side, patch = tuple(int(s) for s in model.patch_embed.img_size), tuple(int(p) for p in model.patch_embed.patch_size)
+    if any(length % step for length, step in zip(side, patch)):
+        raise ValueError(f"{name} has {patch[0]}x{patch[1]} patches, so the input sides (img_size) must be "
+                         f"multiples of them, got {side[0]}x{side[1]}")
     if checkpoint is not None:
         _load_timm_checkpoint(model, name, checkpoint)
     return model.eval()

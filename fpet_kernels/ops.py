@@ -38,6 +38,7 @@ __all__ = [
     "scatter_mean_merge",
     "scatter_mean_merge_dense",
     "merge_tokens",
+    "unmerge_tokens",
 ]
 
 
@@ -249,3 +250,37 @@ def merge_tokens(
     _check_same_device(x=x, metric=metric, size=size)
     impl = _implementation(backend, [("x", x), ("metric", metric), ("size", size)])
     return impl.merge_tokens(x, metric, size, grid_size=grid.size, num_prefix_tokens=grid.prefix)
+
+
+def unmerge_tokens(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    grid_size: Sequence[int],
+    num_prefix_tokens: int,
+) -> torch.Tensor:
+    """The merge's inverse for dense outputs: merged tokens back on the full patch grid (docs/design.md §2 step 10).
+
+    x ``[B, NB, C]`` (tokens after a merge, e.g. a later block's output), index ``[B, NA]`` int64 with values in
+    ``[P, NB)`` (the merge assignment ``k(i)``, :class:`fpet_kernels.vit_patch.MergeInfo`) -> ``[B, N, C]``,
+    ``N = P + H*W``: prefix tokens and B cells take their own token, A cell ``i`` takes token ``k(i)``. Gradients flow
+    into ``x`` (summed over the cells that share a token). One gather, the same on every device and dtype (no
+    backend of its own); it traces under ``torch.compile``.
+    """
+    _check_tokens("x", x)
+    grid = Checkerboard.of(grid_size, num_prefix_tokens)
+    if x.shape[1] != grid.num_b:
+        raise ValueError(f"x has {x.shape[1]} tokens but a merge on this grid leaves NB = P + floor(H*W / 2) = "
+                         f"{grid.prefix} + {grid.cells // 2} = {grid.num_b}")
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
+        got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
+        raise TypeError(f"index must be an int64 tensor [B, NA], got {got}")
+    if tuple(index.shape) != (x.shape[0], grid.num_a):
+        raise ValueError(f"index must have shape [B, NA] = [{x.shape[0]}, {grid.num_a}], got {tuple(index.shape)}")
+    _check_same_device(x=x, index=index)
+    _check_index_range(index, grid)
+    batch = x.shape[0]
+    idx_a, idx_b = grid.indices(x.device)
+    source = index.new_empty(batch, grid.num_tokens)
+    source[:, idx_b] = torch.arange(grid.num_b, device=x.device).expand(batch, -1)
+    source[:, idx_a] = index
+    return x.gather(1, source.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ._thread_state import ThreadState
 from .vit import find_vision_transformer
-from .vit_patch import _POOLS, _check_block, _remove_hooks_of, sized_pool
+from .vit_patch import _POOLS, SizedFeatures, _check_block, _remove_hooks_of
 
 __all__ = ["apply_tome", "remove_tome", "get_tome_patch", "bipartite_soft_matching", "tome_merge"]
 
@@ -93,8 +93,10 @@ def get_tome_patch(model: nn.Module) -> Optional["ToMePatch"]:
     return getattr(find_vision_transformer(model), "_tome_patch", None)
 
 
-class ToMePatch:
+class ToMePatch(SizedFeatures):
     """What :func:`apply_tome` adds to one VisionTransformer; owns its hooks and per-forward state."""
+
+    method = "ToMe"
 
     def __init__(self, vit: nn.Module, r: List[int], prop_attn: bool) -> None:
         self.vit = vit
@@ -106,6 +108,7 @@ class ToMePatch:
         """patch_embed pre-hook: a new forward pass starts with every token of size 1."""
         self.state.set("size", None)
         self.state.set("metric", None)
+        self.state.set("features", None)
 
     def capture_metric(self, module: nn.Module, args: Tuple[Any, ...], keys: torch.Tensor) -> None:
         """k_norm forward hook: keys ``[B, heads, N, Dh]`` -> metric ``[B, N, Dh]``."""
@@ -139,8 +142,12 @@ class ToMePatch:
         self.state.set("size", size)
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        return sized_pool(self.vit, x, self.state.get("size"), pool_type)
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "forward_intermediates / get_intermediate_layers / features_only are not supported on a ToMe model: "
+            "ToMe merges tokens in every block, so block outputs lie on no patch grid; call remove_tome(model) "
+            "for dense features (FPET models support them)"
+        )
 
     def install(self) -> None:
         vit = self.vit
@@ -148,6 +155,8 @@ class ToMePatch:
             block.forward = functools.partial(self.block_forward, index)
             block.attn.k_norm.register_forward_hook(self.capture_metric)
         vit.pool = self.pool
+        vit.forward_features = self.forward_features
+        vit.forward_intermediates = self.forward_intermediates
         vit.patch_embed.register_forward_pre_hook(self.reset_state)
         vit._tome_patch = self
 
@@ -155,7 +164,7 @@ class ToMePatch:
         vit = self.vit
         for block in vit.blocks:
             del block.forward
-        del vit.pool
+        del vit.pool, vit.forward_features, vit.forward_intermediates
         for module in vit.modules():
             _remove_hooks_of(module, self)
         del vit._tome_patch

@@ -421,7 +421,8 @@ def _build_backbone(
     try:
         return create_model(name, num_classes, checkpoint=checkpoint, img_size=img_size)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        field = "checkpoint" if checkpoint is not None and checkpoint in str(error) else "model"
+        field = ("checkpoint" if checkpoint is not None and checkpoint in str(error)
+                 else "img_size" if "input sides (img_size)" in str(error) else "model")
         raise ConfigError(field, str(error)) from None
 
 

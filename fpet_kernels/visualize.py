@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from . import ops
 from .geometry import Checkerboard
-from .vit_patch import get_fpet_patch
+from .vit_patch import get_fpet_patch, record_merge
 
 __all__ = ["merge_assignment", "draw_merge_groups", "visualize", "default_scale"]
 
@@ -34,14 +32,7 @@ def merge_assignment(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tens
     """The matching of the merge block: for every image, the B token that each A patch was merged into.
 
     Runs ``model(images)`` once, in eval mode and without gradients (the mode of every submodule is restored
-    afterwards). A temporary forward hook on the merge block's :class:`~fpet_kernels.merger.TokenMerger` receives
-    the inputs of the merge ``(x, metric, size, grid, prefix)`` and recomputes the matching with the merger's own
-    refinement weights and backend: ``merger.refine(metric)`` (no dropout in eval mode), then
-    :func:`ops.checkerboard_similarity` and the argmax of :func:`ops.ste_match` (lowest column on a tie, as the
-    merge). The hook then checks the recomputed matching against the merge that ran: the
-    :func:`ops.scatter_mean_merge` of the block's input with this index must give the block's merged tokens and
-    sizes; a mismatch (possible only on near-tied scores computed in a different order) is reported as a warning.
-    The hook is removed afterwards, also on error.
+    afterwards), under :func:`~fpet_kernels.vit_patch.record_merge`: the assignment is the one that merge used.
 
     Args:
         model: a timm VisionTransformer (or a module wrapping one) patched with :func:`~fpet_kernels.apply_fpet`.
@@ -68,53 +59,18 @@ def merge_assignment(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tens
         raise ValueError(f"images must be a float tensor [B, 3, H, W] or [3, H, W], got {shape}")
     if images.dim() == 3:
         images = images.unsqueeze(0)
-    merger = patch.vit.blocks[patch.layer].token_merger
-    captured: Dict[str, Any] = {}
-
-    def capture(module: nn.Module, args: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor]) -> None:
-        x, metric, size, grid_size, prefix = args
-        grid = Checkerboard.of(grid_size, prefix)
-        scores = ops.checkerboard_similarity(module.refine(metric), grid.size, grid.prefix, backend=module.backend)
-        _, index = ops.ste_match(scores, backend=module.backend)
-        captured.update(index=index, grid=grid, x=x, size=size, merged=output)
-
     modes = [(module, module.training) for module in model.modules()]
-    handle = merger.register_forward_hook(capture)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), record_merge(model) as merges:
             model(images)
     finally:
-        handle.remove()
         for module, training in modes:
             module.training = training
-    if "index" not in captured:
+    if not merges:
         raise RuntimeError("the forward pass did not reach the FPET merge block; no matching was captured")
-    index, grid = captured["index"], captured["grid"]
-    _check_against_merge(index, grid, captured["x"], captured["size"], captured["merged"], merger.backend)
-    return index.cpu(), grid
-
-
-def _check_against_merge(
-    index: torch.Tensor,
-    grid: Checkerboard,
-    x: torch.Tensor,
-    size: Optional[torch.Tensor],
-    merged: Tuple[torch.Tensor, torch.Tensor],
-    backend: str,
-) -> None:
-    """Warn unless merging ``x`` by ``index`` reproduces the merged tokens and sizes the block produced."""
-    x_merged, size_merged = ops.scatter_mean_merge(x, size, index, grid.size, grid.prefix, backend=backend)
-    tol = 1e-5 if x.dtype in (torch.float32, torch.float64) else 2e-2
-    if not (torch.equal(size_merged, merged[1]) and torch.allclose(x_merged, merged[0], rtol=tol, atol=tol)):
-        differing = int((size_merged != merged[1]).sum())
-        warnings.warn(
-            f"the recomputed matching differs from the merge the model ran ({differing} B tokens got other sizes); "
-            "this happens only with near-tied similarity scores, the picture may show a few patches in a "
-            "neighbouring group",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    info = merges[-1]
+    return info.index.cpu(), Checkerboard.of(info.grid_size, info.num_prefix_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- drawing

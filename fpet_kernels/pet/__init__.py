@@ -117,8 +117,9 @@ def mark_trainable(model: nn.Module) -> int:
     refinement adapter and the classifier head(s); return the number of trainable parameters.
 
     Trainable parts are found by their marker: a module class with ``fpet_trainable = True`` (AdaptFormer, visual
-    prompts, the TokenMerger) trains whole; LoRA weights by their ``lora_`` names (ours and peft's). The set is
-    :func:`pet_parameters`."""
+    prompts, the TokenMerger) trains whole; LoRA weights by their ``lora_`` names (ours and peft's). In a peft model,
+    peft's frozen copies stay frozen: of a module in ``modules_to_save`` (e.g. ``head``, ``token_merger``) only the
+    active adapter's copy trains. The set is :func:`pet_parameters`."""
     model.requires_grad_(False)
     for param in pet_parameters(model).values():
         param.requires_grad_(True)
@@ -128,8 +129,12 @@ def mark_trainable(model: nn.Module) -> int:
 def pet_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     """The parameters :func:`mark_trainable` trains, by their names in ``model.named_parameters()``: those of
     modules marked ``fpet_trainable = True``, those named ``lora_*`` and those of the ViT's ``head`` /
-    ``head_dist``. Only the model's structure decides; ``requires_grad`` flags are not read."""
-    vit = find_vision_transformer(model)
+    ``head_dist``, less peft's frozen copies (:func:`fpet_kernels.peft_support.peft_frozen_modules`: the
+    ``original_module`` of a ``modules_to_save`` wrapper, the copies of inactive adapters). Only the model's
+    structure decides; ``requires_grad`` flags are not read."""
+    from ..peft_support import peft_frozen_modules  # lazy: keeps the import graph of fpet_kernels.pet as it was
+
+    vit = find_vision_transformer(model, allow_eva=True)  # an Eva has a head and the merger, no PET of ours
     chosen = set()
     for module in model.modules():
         if getattr(module, "fpet_trainable", False):
@@ -138,9 +143,10 @@ def pet_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
         head = getattr(vit, head_name, None)
         if isinstance(head, nn.Module):
             chosen.update(id(p) for p in head.parameters())
+    frozen = {id(p) for module in peft_frozen_modules(model) for p in module.parameters()}
     return {
         name: param
         for name, param in model.named_parameters()
         # "lora_": ours (lora_a_q, ...) and peft's (lora_A, lora_B, ...)
-        if id(param) in chosen or "lora_" in name
+        if (id(param) in chosen or "lora_" in name) and id(param) not in frozen
     }

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..binary import QuantLinear, init_up_projection
 
@@ -12,9 +11,14 @@ class LoRAQKV(nn.Module):
     """Wraps a fused ``qkv`` Linear (``dim -> 3 * attn_dim``) and adds ``scale * B(A(x))`` to its q and v outputs.
 
     ``A: dim -> rank`` (nn.Linear init), ``B: rank -> attn_dim`` (zeros for 32-bit, ``trunc_normal(std 1e-3)`` for
-    1-bit weights, docs/design.md §5). The wrapped Linear stays as ``base_layer`` and is not modified. With grad mode
-    off (``torch.no_grad`` / ``torch.inference_mode``) the update is folded into a cached copy of the qkv weight, so
-    inference costs one GEMM, as without LoRA.
+    1-bit weights, docs/design.md §5). The wrapped Linear stays as ``base_layer`` and is not modified.
+
+    Nothing is cached: every forward reads the current weights, so updates of any kind (optimizer steps,
+    ``load_state_dict``, in-place ``.data`` edits) show at once, in grad mode or not, and the module compiles with
+    ``torch.compile(fullgraph=True)``. With grad mode off (``torch.no_grad`` / ``torch.inference_mode``) the two
+    low-rank products are added in place into the q and v slices of the base output (at ViT-S/16 shapes on CPU
+    this beats folding the weight per call at batch 1). :meth:`merged_weight` gives the folded weight, for exporting
+    a plain qkv Linear (:func:`fpet_kernels.checkpoint.fold_pet`).
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int = 8, scale: float = 1.0, bits: int = 32) -> None:
@@ -33,7 +37,6 @@ class LoRAQKV(nn.Module):
         self.lora_b_v = QuantLinear(rank, attn_dim, bits=bits)
         init_up_projection(self.lora_b_q.weight, bits)
         init_up_projection(self.lora_b_v.weight, bits)
-        self._merged_cache = None
         self.to(device=base_layer.weight.device)
 
     @property
@@ -59,18 +62,14 @@ class LoRAQKV(nn.Module):
         delta = torch.cat([delta_q, torch.zeros_like(delta_q), delta_v], dim=0)
         return self.base_layer.weight + self.scale * delta.to(self.base_layer.weight.dtype)
 
-    def _cached_merged_weight(self) -> torch.Tensor:
-        # Rebuilt whenever a parameter is replaced or updated in place (optimizer step, load_state_dict, .to()).
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
-        if self._merged_cache is None or self._merged_cache[0] != key:
-            self._merged_cache = (key, self.merged_weight())
-        return self._merged_cache[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            # Inference: one GEMM with the folded weight, as fast as the plain qkv.
-            return F.linear(x, self._cached_merged_weight().to(x.dtype), self.base_layer.bias)
         qkv = self.base_layer(x)
+        if not torch.is_grad_enabled():
+            # No autograd graph to keep: add the low-rank updates into the q and v slices of the fresh base output.
+            attn_dim = qkv.shape[-1] // 3
+            qkv[..., :attn_dim].add_(self.lora_b_q(self.lora_a_q(x)), alpha=self.scale)
+            qkv[..., 2 * attn_dim:].add_(self.lora_b_v(self.lora_a_v(x)), alpha=self.scale)
+            return qkv
         delta_q = self.lora_b_q(self.lora_a_q(x)) * self.scale
         delta_v = self.lora_b_v(self.lora_a_v(x)) * self.scale
         return qkv + torch.cat([delta_q, torch.zeros_like(delta_q), delta_v], dim=-1)

@@ -24,7 +24,7 @@ def tokens_per_block(model: nn.Module, images: torch.Tensor) -> List[int]:
     counts: List[int] = []
     handles = [
         block.register_forward_pre_hook(lambda module, args: counts.append(int(args[0].shape[1])))
-        for block in find_vision_transformer(model).blocks
+        for block in find_vision_transformer(model, allow_eva=True).blocks
     ]
     try:
         with torch.inference_mode():
