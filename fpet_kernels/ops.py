@@ -70,12 +70,35 @@ def _grid(grid_size: Sequence[int], num_prefix_tokens: int, num_tokens: int, nam
     return grid
 
 
-def _check_size(size: Optional[torch.Tensor], batch: int, num_tokens: int) -> None:
+def _check_size(size: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    """Token sizes: ``[B, N]``, float32 (float64 for float64 ``x``: sizes are counts, which half precision cannot
+    hold), every value finite and > 0 (checked as :func:`_check_index_range` checks an index)."""
     if size is None:
         return
     _check_float("size", size)
+    batch, num_tokens = x.shape[0], x.shape[1]
     if tuple(size.shape) != (batch, num_tokens):
         raise ValueError(f"size must have shape [B, N] = [{batch}, {num_tokens}], got {tuple(size.shape)}")
+    expected = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if size.dtype != expected:
+        raise TypeError(f"size must be {expected} for x of dtype {x.dtype} (token sizes are counts), got {size.dtype}")
+    if size.numel() == 0:
+        return
+    valid = (size > 0).logical_and(size.isfinite()).all()
+    message = "size must hold finite token sizes > 0 (a token of size s stands for s patches)"
+    if size.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(valid):
+            raise ValueError(message)
+    else:
+        torch._assert_async(valid, message)
+
+
+def _check_precision(**tensors: torch.Tensor) -> None:
+    """float64 inputs are not mixed with lower precisions (a float64 op is a reference or gradcheck computation)."""
+    wide = {name for name, t in tensors.items() if t.dtype == torch.float64}
+    if wide and len(wide) != len(tensors):
+        listing = ", ".join(f"{k} {v.dtype}" for k, v in tensors.items())
+        raise TypeError(f"float64 cannot be mixed with other dtypes here, got {listing}")
 
 
 def _check_index_range(index: torch.Tensor, grid: Checkerboard) -> None:
@@ -141,6 +164,9 @@ def refine_keys(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     _check_same_device(metric=metric, w_down=w_down, w_up=w_up)
+    if not metric.dtype == w_down.dtype == w_up.dtype:
+        raise TypeError(f"metric, w_down and w_up must have one dtype, got {metric.dtype}, {w_down.dtype}, "
+                        f"{w_up.dtype} (TokenMerger casts its weights to the metric's dtype)")
     impl = _implementation(backend, [("metric", metric), ("w_down", w_down), ("w_up", w_up)])
     return impl.refine_keys(metric, w_down, w_up, scale, dropout_p, training)
 
@@ -172,7 +198,7 @@ def _merge_geometry(x: torch.Tensor, size: Optional[torch.Tensor], grid_size, nu
     """The checks shared by the two merges: tokens x on the grid, sizes [B, N] or None."""
     _check_tokens("x", x)
     grid = _grid(grid_size, num_prefix_tokens, x.shape[1], "x")
-    _check_size(size, x.shape[0], x.shape[1])
+    _check_size(size, x)
     return grid
 
 
@@ -248,6 +274,7 @@ def merge_tokens(
             f"metric must have shape [B, N, Dh] with B, N of x = {tuple(x.shape[:2])}, got {tuple(metric.shape)}"
         )
     _check_same_device(x=x, metric=metric, size=size)
+    _check_precision(x=x, metric=metric)
     impl = _implementation(backend, [("x", x), ("metric", metric), ("size", size)])
     return impl.merge_tokens(x, metric, size, grid_size=grid.size, num_prefix_tokens=grid.prefix)
 

@@ -128,16 +128,27 @@ class FPETPatch(SizedFeatures):
         self.state.set("size", None)
         self.state.set("metric", None)
         self.state.set("features", None)
+        self.state.set("capture", False)
         patch_embed = self.vit.patch_embed
         if getattr(self.vit, "dynamic_img_size", False):
             grid = patch_embed.dynamic_feat_size(tuple(args[0].shape[-2:]))
         else:
             grid = patch_embed.grid_size
+            expected, got = tuple(patch_embed.img_size), tuple(args[0].shape[-2:])
+            if getattr(patch_embed, "strict_img_size", False) and got != expected:
+                raise ValueError(
+                    f"images are {got[0]}x{got[1]} but this model takes {expected[0]}x{expected[1]} (a fixed patch "
+                    "grid); resize the images, call model.set_input_size(img_size=...) first, or build the model "
+                    "with dynamic_img_size=True"
+                )
         self.state.set("grid_size", tuple(int(g) for g in grid))
 
     def capture_metric(self, module: nn.Module, args: Tuple[Any, ...], keys: torch.Tensor) -> None:
-        """k_norm forward hook of the merge block: keys ``[B, heads, N, Dh]`` -> metric ``[B, N, Dh]``."""
-        self.state.set("metric", keys.mean(dim=1))
+        """k_norm forward hook: keys ``[B, heads, N, Dh]`` -> metric ``[B, N, Dh]`` while the merge block's attention
+        runs. It is on every block's ``k_norm``, not the merge block's alone: after a graph break inside attention,
+        torch.compile reuses the rest of ``Attention.forward`` compiled for another block without checking hooks."""
+        if self.state.get("capture"):
+            self.state.set("metric", keys.mean(dim=1))
 
     # ------------------------------------------------------------------ the merge block (steps 1-6)
     def merge_block_forward(
@@ -148,8 +159,10 @@ class FPETPatch(SizedFeatures):
         self.state.set("metric", None)
         # is_causal is passed only when set: timm < 1.0.26's Attention.forward has no such argument.
         causal = {"is_causal": True} if is_causal else {}
-        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=attn_mask, **causal)))
-        x = self.merge(x)
+        self.state.set("capture", True)
+        x_attn = block.attn(block.norm1(x), attn_mask=attn_mask, **causal)
+        self.state.set("capture", False)
+        x = self.merge(x + block.drop_path1(block.ls1(x_attn)))
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return x
 
@@ -160,7 +173,9 @@ class FPETPatch(SizedFeatures):
         """timm ``EvaBlock.forward`` with the token merge between the attention residual and the MLP."""
         block = self.vit.blocks[self.layer]
         self.state.set("metric", None)
+        self.state.set("capture", True)
         x_attn = block.attn(block.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        self.state.set("capture", False)
         if block.gamma_1 is not None:
             x_attn = block.gamma_1 * x_attn
         x = self.merge(x + block.drop_path1(x_attn))
@@ -173,8 +188,7 @@ class FPETPatch(SizedFeatures):
         """Steps 2-6 on the residual stream ``x`` after the merge block's attention, whose keys were captured."""
         metric = self.state.pop("metric")
         if metric is None:
-            hint = (" (under torch.compile: a graph break inside this block's attention separates the capture "
-                    "from the merge; torch.compile(model, fullgraph=True) names the break)"
+            hint = (" (under torch.compile: torch.compile(model, fullgraph=True) names any graph break)"
                     if torch.compiler.is_compiling() else "")
             raise RuntimeError(
                 f"FPET could not capture the keys of block {self.layer}: its attention did not call attn.k_norm{hint}"
@@ -314,7 +328,9 @@ class FPETPatch(SizedFeatures):
         vit.forward_intermediates = self.forward_intermediates
         vit.prune_intermediate_layers = self.prune_intermediate_layers
         vit.patch_embed.register_forward_pre_hook(self.reset_state)
-        merge_block.attn.k_norm.register_forward_hook(self.capture_metric)
+        for block in vit.blocks:
+            if isinstance(getattr(getattr(block, "attn", None), "k_norm", None), nn.Module):
+                block.attn.k_norm.register_forward_hook(self.capture_metric)
         if self.prop_attn or self.eva:
             for block in list(vit.blocks)[self.layer + 1:]:
                 block.register_forward_pre_hook(self.later_block, with_kwargs=True)

@@ -62,7 +62,7 @@ def test_assignment_restores_modes_and_removes_its_hook():
     index, _ = merge_assignment(model, images(model)[0])  # one [3, H, W] image
     assert tuple(index.shape) == (1, GRID.num_a)
     assert model.training and merger.training and not model.head.training
-    with pytest.raises(AssertionError, match="doesn't match model"):  # timm's own input size check
+    with pytest.raises(ValueError, match="images are 48x48 but this model takes 64x64"):
         merge_assignment(model, torch.randn(1, 3, 48, 48))
     assert model.training and get_fpet_patch(model).state.get("recorder") is None  # recording ended
 
