@@ -21,6 +21,27 @@
   a DataLoader with ``num_workers=0`` and a ``torch.Generator`` seeded with ``seed``. On CPU with the same thread
   count the same config gives the same ``pet.safetensors``, byte for byte.
 
+**Distributed** (``torchrun``): when ``WORLD_SIZE`` > 1 (``torchrun --nproc_per_node N -m fpet_kernels train ...``)
+every process joins the process group (``env://``; gloo, as the engine trains on CPU, NCCL being the backend for
+CUDA) and trains the model wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` (only the trainable
+parameters take part; no buffers, no unused parameters). ``batch_size`` stays the *global* batch and must be a
+multiple of N (a :class:`ConfigError` otherwise); each rank gets ``batch_size / N`` images of each step. The global
+batches are the single-process loader's, in the same order: every rank runs the same seeded ``RandomSampler`` (one
+generator for it and the loader's own seed draw, as ``DataLoader(shuffle=True)``) and takes its contiguous part of
+each global batch, so no ``DistributedSampler`` / ``set_epoch`` is needed (the generator moves on every epoch on
+every rank alike). A short last batch is split unevenly (an empty part is one image with weight 0) and each part's
+loss is its summed per-image losses times ``N / global batch``, so DDP's gradient average is the global batch's mean
+gradient: without dropout the trained parameters equal the single process's up to float rounding (the all-reduce
+adds the parts in another order; ``tests/test_ddp.py``). Dropout (the FPET refinement's ``refine_dropout`` 0.1,
+AdaptFormer's 0.1) draws its own masks on each rank (torch seeded with ``seed + rank``), so with dropout the runs
+agree in distribution only. Validation and test accuracy are sharded (each rank a contiguous share, the correct /
+total counts all-reduced), so all ranks log the same numbers; only rank 0 prints, shows progress bars and writes
+``out`` (``config.json``, ``log.jsonl``, ``pet.safetensors`` of the unwrapped model, ``results.json``, whose
+``world_size`` is N) and measures throughput and GFLOPs; a ConfigError found by rank 0 while preparing ``out`` or the
+data is raised on every rank, and all ranks return rank 0's results, meet at a barrier and leave the process group.
+``threads`` is per process (torchrun sets ``OMP_NUM_THREADS=1`` when N > 1, so the default is 1 thread each). The
+epoch's ``seconds`` are rank 0's; ``peak_rss_mib`` is the largest process's.
+
 Outputs, in the folder ``out`` (default ``runs/<data>-<model>-<pet>[-fpet]-s<seed>``):
 
 ``config.json``
@@ -31,8 +52,8 @@ Outputs, in the folder ``out`` (default ``runs/<data>-<model>-<pet>[-fpet]-s<see
     the trained PET parameters and their configuration (:func:`~fpet_kernels.save_pet`); ``fpet eval`` /
     :func:`evaluate` rebuild the model from it.
 ``results.json``
-    the keys :data:`RESULT_KEYS`: accuracies, eval throughput, trainable parameters, GFLOPs per image, times and
-    peak memory.
+    the keys :data:`RESULT_KEYS`: accuracies, eval throughput, trainable parameters, GFLOPs per image, times,
+    peak memory and the number of processes.
 
 **Peak memory** (:class:`PeakRSS`): the peak resident set size (RSS) of the whole process, in MiB, during an
 epoch's training steps, read from ``VmHWM`` in ``/proc/self/status`` after resetting that high-water mark to the
@@ -135,6 +156,7 @@ RESULT_KEYS: Tuple[str, ...] = (
     "peak_memory_method",
     "merge_backend",
     "machine",
+    "world_size",
 )
 """Keys of ``results.json``: the run (``data``, ``model``, ``pet``, ``fpet``, ``final``, ``num_classes``,
 ``img_size``), the split sizes, ``trainable_params`` / ``total_params``, ``epochs``, ``val_acc`` (last epoch's, null
@@ -142,7 +164,8 @@ with ``final``), ``test_acc`` (fraction) and ``test_correct`` (count), ``eval_im
 docstring) at batch ``eval_batch`` with ``threads`` threads, ``gflops_per_image`` (one eval forward,
 ``FlopCounterMode``), ``train_seconds`` (all epochs' training steps), ``seconds_per_epoch`` (their mean),
 ``total_seconds`` (the whole run), ``peak_rss_mib`` (largest epoch peak) and ``peak_memory_method``,
-``merge_backend`` (the FPET kernel backend that ran, null without FPET), ``machine`` (CPU, threads, torch)."""
+``merge_backend`` (the FPET kernel backend that ran, null without FPET), ``machine`` (CPU, threads, torch),
+``world_size`` (the number of training processes: 1, or torchrun's N)."""
 
 _THROUGHPUT_WARMUP = 2
 
@@ -354,11 +377,84 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -
     return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / decay_steps))
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, seed: int = 0):
-    from torch.utils.data import DataLoader
+def _loader(dataset, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+    """The training / evaluation DataLoader: ``num_workers=0``, shuffled by a ``torch.Generator`` seeded with ``seed``.
+
+    With ``world_size > 1`` it is rank ``rank``'s part of the same loader (module docstring, "Distributed"): the
+    single-process loader's global batches of ``batch_size``, in the same order, each split into contiguous parts
+    (:class:`_GlobalBatchParts`); its batches are ``(images, labels, weights, global_counts)``."""
+    from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator)
+    if world_size == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator)
+    # One generator for the loader's base-seed draw and the sampler's permutation, as DataLoader(shuffle=True) does:
+    # every rank draws exactly what the single process draws, epoch after epoch.
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(
+        _WeightedItems(dataset), batch_sampler=_GlobalBatchParts(sampler, batch_size, rank, world_size),
+        num_workers=0, generator=generator,
+    )
+
+
+class _GlobalBatchParts:
+    """Batch sampler: the batches ``BatchSampler(sampler, batch_size, drop_last=False)`` would make (the global
+    batches), each cut into ``world_size`` contiguous parts, of which it yields part ``rank``, as
+    ``(index, weight, global_count)`` keys of :class:`_WeightedItems`. Part ``r`` of a global batch of ``n`` is
+    ``[r * n // world_size, (r + 1) * n // world_size)``; an empty part (``n < world_size``, a short last batch) is
+    the batch's first index with weight 0, so that every rank runs every step (DDP's collectives stay in step)."""
+
+    def __init__(self, sampler, batch_size: int, rank: int, world_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        return (len(self.sampler) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        batch: List[int] = []
+        for index in self.sampler:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield self._part(batch)
+                batch = []
+        if batch:
+            yield self._part(batch)
+
+    def _part(self, batch: List[int]) -> List[Tuple[int, float, int]]:
+        n = len(batch)
+        low, high = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+        if low == high:
+            return [(batch[0], 0.0, n)]
+        return [(index, 1.0, n) for index in batch[low:high]]
+
+
+class _WeightedItems:
+    """``dataset[index]`` as ``(image, label, weight, global_count)`` for the keys of :class:`_GlobalBatchParts`."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, float, int]):
+        index, weight, count = key
+        image, label = self.dataset[index]
+        return image, label, weight, count
+
+
+def _shard(dataset, rank: int, world_size: int):
+    """Rank ``rank``'s contiguous share of an evaluation set, ``[rank * n // world_size, (rank + 1) * n //
+    world_size)``: every image is in exactly one share (no padding, so the summed counts are exact)."""
+    if world_size == 1:
+        return dataset
+    from torch.utils.data import Subset
+
+    n = len(dataset)
+    return Subset(dataset, range(rank * n // world_size, (rank + 1) * n // world_size))
 
 
 def _bar(iterable, progress: bool, desc: str, total: Optional[int] = None):
@@ -509,6 +605,137 @@ class _Threads:
         torch.set_num_threads(self.previous)
 
 
+# ---------------------------------------------------------------------------------------------- distributed
+@dataclasses.dataclass(frozen=True)
+class _World:
+    """The process's place in a ``torchrun`` job: ``size`` processes, this one ``rank`` (``local_rank`` on its
+    machine); ``owns_group``: :func:`train` created the process group (and destroys it)."""
+
+    size: int
+    rank: int
+    local_rank: int
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _torchrun_world() -> Optional[_World]:
+    """The :class:`_World` that ``torchrun`` describes in ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``; None for a
+    single process (no ``WORLD_SIZE``, or 1)."""
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise RuntimeError(f"fpet train: environment variable {name}={text!r} is not an integer") from None
+    if values["WORLD_SIZE"] <= 1:
+        return None
+    if not 0 <= values["RANK"] < values["WORLD_SIZE"]:
+        raise RuntimeError(f"fpet train: RANK={values['RANK']} is outside [0, WORLD_SIZE={values['WORLD_SIZE']})")
+    return _World(values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"])
+
+
+def _dist_backend(device: torch.device) -> str:
+    """The process-group backend for training on ``device``: NCCL for CUDA, gloo for CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _init_distributed(world: _World, device: torch.device) -> _World:
+    """Join the ``torchrun`` process group (``env://``: ``MASTER_ADDR`` / ``MASTER_PORT`` from torchrun), or use the
+    caller's if one is initialised already (it must have ``world.size`` ranks)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if (dist.get_world_size(), dist.get_rank()) != (world.size, world.rank):
+            raise RuntimeError(
+                f"fpet train: the initialised process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
+                f"the environment says rank {world.rank} of {world.size}"
+            )
+        return world
+    if device.type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group(backend=_dist_backend(device))
+    return dataclasses.replace(world, owns_group=True)
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(values: List[float], op: str = "sum") -> List[float]:
+    """``values`` summed (``op="sum"``) or maximised (``"max"``) over the ranks, in float64."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.cpu().tolist()
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable object)."""
+    import torch.distributed as dist
+
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0, device=_collective_device())
+    return holder[0]
+
+
+def _rank0_first(world: Optional[_World], step: Callable[[], Any], *, everywhere: bool) -> Any:
+    """Run ``step`` on rank 0 and then (``everywhere``) on the other ranks, or only on rank 0 (returning None on
+    the others): for work that must happen once (writing ``out``, generating a cached data set). A
+    :class:`ConfigError` of rank 0's ``step`` is raised on every rank (any other error of rank 0: a RuntimeError on
+    the others), so that no rank waits for one that gave up. Without ``world``: just ``step()``."""
+    if world is None:
+        return step()
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = step()
+        except BaseException as caught:
+            error = caught
+    if isinstance(error, ConfigError):
+        shared = ("config", error.field, error.message)
+    else:
+        shared = None if error is None else ("other", f"{type(error).__name__}: {error}")
+    shared = _broadcast(shared)
+    if error is not None:
+        raise error
+    if shared is not None:
+        if shared[0] == "config":
+            raise ConfigError(shared[1], shared[2])
+        raise RuntimeError(f"fpet train: rank 0 failed: {shared[1]}")
+    if everywhere and not world.is_main:
+        result = step()
+    return result
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a :class:`~torch.nn.parallel.DistributedDataParallel` wrapper (else ``model``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _shared_accuracy(model: nn.Module, loader, distributed: bool, **kwargs: Any) -> Tuple[int, int]:
+    """:func:`accuracy` of the unwrapped ``model`` on this rank's ``loader``, summed over the ranks if
+    ``distributed`` (one all-reduce, made by every rank, whatever its share)."""
+    correct, total = accuracy(_unwrap(model), loader, **kwargs)
+    if distributed:
+        correct, total = (int(round(v)) for v in _all_reduce([correct, total]))
+    return correct, total
+
+
+def _quiet(line: str) -> None:
+    """The ``log`` of ranks other than 0."""
+
+
 # ---------------------------------------------------------------------------------------------- fit
 def fit(
     model: nn.Module,
@@ -528,7 +755,19 @@ def fit(
     """The training loop of :func:`train` (module docstring, "Recipe"): AdamW over the parameters that require grad,
     the warm-up + cosine schedule per step (:func:`learning_rate`), cross-entropy; after each epoch the ``val_loader``
     accuracy (if given), one ``log`` line, and a line in ``log_path`` (if given) with the keys :data:`LOG_KEYS`.
-    Runs with the current thread setting. Returns the epochs' log entries and the :class:`PeakRSS` used."""
+    Runs with the current thread setting. Returns the epochs' log entries and the :class:`PeakRSS` used.
+
+    A :class:`~torch.nn.parallel.DistributedDataParallel` ``model`` trains data-parallel (module docstring,
+    "Distributed"): ``train_loader`` is this rank's part of the global batches (``_loader`` with ``world_size``),
+    the loss of each part is its per-image losses summed and scaled by ``world_size / global batch size``, so that
+    DDP's gradient average is the gradient of the global batch's mean loss (exact for unequal parts too); the
+    epoch's loss, accuracy and image count are summed over the ranks, the peak RSS is the largest rank's, and the
+    ``val_loader`` (this rank's share) accuracy is summed over the ranks (every rank gets the same log entries;
+    pass ``log`` / ``log_path`` / ``progress`` on rank 0 only)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    distributed = isinstance(model, DistributedDataParallel)
+    world_size = torch.distributed.get_world_size() if distributed else 1
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: no parameter of the model requires grad (call mark_trainable first)")
@@ -548,27 +787,44 @@ def fit(
         correct = seen = 0
         epoch_start = time.perf_counter()
         bar = _bar(train_loader, progress, f"{desc} {epoch}/{epochs}", total=steps_per_epoch)
-        for images, labels in bar:
+        for batch in bar:
+            images, labels = batch[0], batch[1]
             rate = learning_rate(step, total_steps, warmup_steps, lr)
             for group in optimizer.param_groups:
                 group["lr"] = rate
             logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            if distributed:
+                weights, counts = batch[2], batch[3]
+                losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+                weights = weights.to(losses.dtype)
+                loss = (losses * weights).sum() * (world_size / int(counts[0]))
+            else:
+                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            loss_sum += float(loss.detach()) * labels.numel()
-            correct += int((logits.detach().argmax(dim=1) == labels).sum())
-            seen += int(labels.numel())
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{rate:.2e}", refresh=False)
+            if distributed:
+                real = weights > 0
+                loss_sum += float((losses.detach() * weights).sum())
+                correct += int((logits.detach().argmax(dim=1) == labels)[real].sum())
+                seen += int(real.sum())
+            else:
+                loss_sum += float(loss.detach()) * labels.numel()
+                correct += int((logits.detach().argmax(dim=1) == labels).sum())
+                seen += int(labels.numel())
+            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", lr=f"{rate:.2e}", refresh=False)
         seconds = time.perf_counter() - epoch_start
         peak = memory.peak_mib()
+        if distributed:
+            loss_sum, correct, seen = _all_reduce([loss_sum, correct, seen])
+            correct, seen = int(round(correct)), int(round(seen))
+            peak, start_rss = _all_reduce([peak, start_rss], op="max")
         val_acc = None
         val_seconds = 0.0
         if val_loader is not None:
             val_start = time.perf_counter()
-            val_correct, val_total = accuracy(model, val_loader, progress=progress, desc="val")
+            val_correct, val_total = _shared_accuracy(model, val_loader, distributed, progress=progress, desc="val")
             val_seconds = time.perf_counter() - val_start
             val_acc = val_correct / val_total
         entry = {
@@ -602,14 +858,41 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, 
     """Run the fine-tuning job ``config`` (module docstring) and return the ``results.json`` object.
 
     ``log`` receives one-line progress reports (the trainable-parameter count, one summary per epoch, the final
-    accuracies). Raises :class:`ConfigError` for a bad config, before any training step."""
+    accuracies). Raises :class:`ConfigError` for a bad config, before any training step.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls it; they train data-parallel (module docstring,
+    "Distributed"), only rank 0 logs and writes files, and every rank returns rank 0's results."""
+    started = time.perf_counter()
+    config.validate()
+    world = _torchrun_world()
+    if world is None:
+        return _train(config, log, None, started)
+    if config.batch_size % world.size:
+        raise ConfigError(
+            "batch_size", f"the global batch size must be a multiple of the number of processes ({world.size}) "
+                          f"to split it evenly, got {config.batch_size}"
+        )
+    world = _init_distributed(world, torch.device("cpu"))  # the engine trains on CPU: gloo
+    try:
+        results = _train(config, log if world.is_main else _quiet, world, started)
+        torch.distributed.barrier()
+    finally:
+        if world.owns_group:
+            torch.distributed.destroy_process_group()
+    return results
+
+
+def _train(config: TrainConfig, log: Callable[[str], None], world: Optional[_World], started: float
+           ) -> Dict[str, Any]:
+    """The body of :func:`train`; ``world`` None for one process."""
     from .checkpoint import save_pet
     from .tools import benchmark
     from .vit import find_vision_transformer
     from .vit_patch import apply_fpet
 
-    started = time.perf_counter()
-    config.validate()
+    main = world is None or world.is_main
+    rank, world_size = (0, 1) if world is None else (world.rank, world.size)
+    progress = config.progress and main
     threads = config.threads if config.threads is not None else torch.get_num_threads()
     spec = _parse_data("data", config.data)
     num_classes = spec.num_classes
@@ -633,16 +916,19 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, 
     trainable = mark_trainable(model)
     total_params = sum(p.numel() for p in model.parameters())
     train_split = "trainval" if config.final else "train"
-    splits = _datasets(
-        spec, [train_split] + ([] if config.final else ["val"]) + ["test"], side, "data", config.progress
-    )
+    split_names = [train_split] + ([] if config.final else ["val"]) + ["test"]
+    splits = _rank0_first(world, lambda: _datasets(spec, split_names, side, "data", progress), everywhere=True)
     if not config.final and splits["val"] is None:
         raise ConfigError("data", f"{spec} has no val split (DIR/val); train with final (--final) instead")
     out = config.out if config.out is not None else _default_out(config, spec)
-    _prepare_out(out, config.overwrite)
     resolved = dataclasses.replace(config, out=out, threads=threads, layer=layer if config.fpet else config.layer,
                                    img_size=side)
-    _write_json(os.path.join(out, "config.json"), dataclasses.asdict(resolved))
+
+    def prepare_out() -> None:
+        _prepare_out(out, config.overwrite)
+        _write_json(os.path.join(out, "config.json"), dataclasses.asdict(resolved))
+
+    _rank0_first(world, prepare_out, everywhere=False)
 
     random.seed(config.seed)
     try:
@@ -651,10 +937,19 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, 
         np.random.seed(config.seed)
     except ImportError:  # pragma: no cover - numpy ships with torch's requirements here
         pass
-    torch.manual_seed(config.seed)
-    train_loader = _loader(splits[train_split], config.batch_size, shuffle=True, seed=config.seed)
-    val_loader = None if config.final else _loader(splits["val"], config.batch_size, shuffle=False)
-    test_loader = _loader(splits["test"], config.batch_size, shuffle=False)
+    torch.manual_seed(config.seed + rank)  # dropout: each rank draws its own masks
+    train_loader = _loader(splits[train_split], config.batch_size, shuffle=True, seed=config.seed, rank=rank,
+                           world_size=world_size)
+    part = config.batch_size // world_size
+    val_loader = None if config.final else _loader(_shard(splits["val"], rank, world_size), part, shuffle=False)
+    test_loader = _loader(_shard(splits["test"], rank, world_size), part, shuffle=False)
+    trained = model
+    if world is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Every trainable parameter gets a gradient in every forward (PET, the FPET refinement adapter, the head):
+        # no find_unused_parameters; the frozen backbone takes no part in the gradient all-reduce.
+        trained = DistributedDataParallel(model)
     log(
         f"{config.model} + {config.pet}{' + FPET (merge block ' + str(layer) + ')' if config.fpet else ''} on "
         f"{spec} ({num_classes} classes, {len(splits[train_split])} {train_split} images, {side}x{side}); "
@@ -662,51 +957,70 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, 
     )
     with _Threads(threads):
         epoch_logs, memory = fit(
-            model, train_loader, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+            trained, train_loader, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
             warmup_epochs=config.warmup_epochs, label_smoothing=config.label_smoothing, val_loader=val_loader,
-            progress=config.progress, log=log, log_path=os.path.join(out, "log.jsonl"),
+            progress=progress, log=log, log_path=os.path.join(out, "log.jsonl") if main else None,
         )
-        test_correct, test_total = accuracy(model, test_loader, progress=config.progress, desc="test")
-    save_pet(model, os.path.join(out, "pet.safetensors"))
-    images = _first_images(splits["test"], config.batch_size)
-    rate = eval_throughput(model, images, threads=threads, runs=config.throughput_runs)
-    gflops = benchmark.count_gflops(model.eval(), images[:1])
-    train_seconds = sum(e["seconds"] for e in epoch_logs)
-    results = {
-        "data": str(spec),
-        "model": config.model,
-        "pet": config.pet,
-        "fpet": config.fpet,
-        "final": config.final,
-        "num_classes": num_classes,
-        "img_size": side,
-        "train_images": len(splits[train_split]),
-        "val_images": None if config.final else len(splits["val"]),
-        "test_images": test_total,
-        "trainable_params": trainable,
-        "total_params": total_params,
-        "epochs": config.epochs,
-        "val_acc": epoch_logs[-1]["val_acc"],
-        "test_acc": test_correct / test_total,
-        "test_correct": test_correct,
-        "eval_img_per_s": rate,
-        "eval_batch": int(images.shape[0]),
-        "threads": threads,
-        "gflops_per_image": gflops,
-        "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / len(epoch_logs),
-        "total_seconds": time.perf_counter() - started,
-        "peak_rss_mib": max(e["peak_rss_mib"] for e in epoch_logs),
-        "peak_memory_method": memory.method,
-        "merge_backend": _merge_backend(model),
-        "machine": benchmark.machine_description(threads),
-    }
-    _write_json(os.path.join(out, "results.json"), results)
-    rate_text = "" if rate is None else f", eval {rate:.1f} img/s"
-    log(
-        f"test acc {100 * results['test_acc']:.2f}% ({test_correct}/{test_total}){rate_text}, "
-        f"{gflops:.4f} GFLOPs/img; wrote {out}/"
-    )
+        test_correct, test_total = _shared_accuracy(model, test_loader, world is not None, progress=progress,
+                                                    desc="test")
+
+    def finish() -> Dict[str, Any]:
+        """Rank 0's part: the checkpoint, throughput, GFLOPs and ``results.json``."""
+        save_pet(model, os.path.join(out, "pet.safetensors"))
+        images = _first_images(splits["test"], config.batch_size)
+        rate = eval_throughput(model, images, threads=threads, runs=config.throughput_runs)
+        gflops = benchmark.count_gflops(model.eval(), images[:1])
+        train_seconds = sum(e["seconds"] for e in epoch_logs)
+        results = {
+            "data": str(spec),
+            "model": config.model,
+            "pet": config.pet,
+            "fpet": config.fpet,
+            "final": config.final,
+            "num_classes": num_classes,
+            "img_size": side,
+            "train_images": len(splits[train_split]),
+            "val_images": None if config.final else len(splits["val"]),
+            "test_images": test_total,
+            "trainable_params": trainable,
+            "total_params": total_params,
+            "epochs": config.epochs,
+            "val_acc": epoch_logs[-1]["val_acc"],
+            "test_acc": test_correct / test_total,
+            "test_correct": test_correct,
+            "eval_img_per_s": rate,
+            "eval_batch": int(images.shape[0]),
+            "threads": threads,
+            "gflops_per_image": gflops,
+            "train_seconds": train_seconds,
+            "seconds_per_epoch": train_seconds / len(epoch_logs),
+            "total_seconds": time.perf_counter() - started,
+            "peak_rss_mib": max(e["peak_rss_mib"] for e in epoch_logs),
+            "peak_memory_method": memory.method,
+            "merge_backend": _merge_backend(model),
+            "machine": benchmark.machine_description(threads),
+            "world_size": world_size,
+        }
+        _write_json(os.path.join(out, "results.json"), results)
+        rate_text = "" if rate is None else f", eval {rate:.1f} img/s"
+        log(
+            f"test acc {100 * results['test_acc']:.2f}% ({test_correct}/{test_total}){rate_text}, "
+            f"{gflops:.4f} GFLOPs/img; wrote {out}/"
+        )
+        return results
+
+    if world is None:
+        return finish()
+    results: Any = None
+    if main:
+        try:
+            results = finish()
+        except BaseException as error:
+            _broadcast(("failed", f"{type(error).__name__}: {error}"))  # the other ranks wait for the results
+            raise
+    results = _broadcast(results)
+    if isinstance(results, tuple):
+        raise RuntimeError(f"fpet train: rank 0 failed after training: {results[1]}")
     return results
 
 
