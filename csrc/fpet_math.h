@@ -77,8 +77,11 @@ struct Top2 {
   FPET_HOST_DEVICE static bool beats(acc_t v, int64_t i, acc_t w, int64_t k) {
     return k < 0 || v > w || (v == w && i < k);
   }
+  // A NaN score counts as +inf (docs/design.md §2 step 5, "NaN"): a row with NaN merges into its first NaN (or +inf)
+  // column, the same column in every backend, and always a B cell.
   FPET_HOST_DEVICE void push(acc_t v, int64_t i) {
-    if (i < 0 || v != v) return;  // empty slot or NaN
+    if (i < 0) return;  // empty slot
+    if (v != v) v = acc_t(INFINITY);
     if (beats(v, i, value1, index1)) {
       value2 = value1;
       index2 = index1;
@@ -113,7 +116,9 @@ FPET_HOST_DEVICE acc_t sigmoid(acc_t z) {
 // sigma'(z) = Soft (1 - Soft), with Soft = sigmoid(S - t) (docs/design.md §3 "STE").
 template <typename acc_t>
 FPET_HOST_DEVICE acc_t sigmoid_grad(acc_t score, acc_t threshold) {
-  const acc_t soft = sigmoid(score - threshold);
+  const acc_t z = score - threshold;
+  if (z != z) return acc_t(0);  // a NaN score or threshold carries no STE gradient (docs/design.md §3)
+  const acc_t soft = sigmoid(z);
   return soft * (acc_t(1) - soft);
 }
 

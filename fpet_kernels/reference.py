@@ -23,6 +23,7 @@ __all__ = [
     "dropout_keep_mask",
     "refine_keys",
     "checkerboard_similarity",
+    "match_key",
     "ste_match",
     "scatter_mean_merge",
     "scatter_mean_merge_dense",
@@ -106,11 +107,22 @@ def checkerboard_similarity(
     return scores
 
 
+def match_key(scores: torch.Tensor) -> torch.Tensor:
+    """The ranking key of the matching (§2 step 5, "NaN"): the scores with NaN counted as +inf, so that a row with NaN
+    scores merges into its first NaN (or +inf) column, in every backend, and never into a -inf prefix column."""
+    return scores.masked_fill(scores.isnan(), float("inf"))
+
+
 def ste_match(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Straight-through one-hot matching of each A row to its best B column (§2 step 5).
 
     ``t = (top1 + top2) / 2`` per row, ``Soft = sigmoid(S - t)``, ``Hard`` the one-hot argmax (lowest column on
-    ties), ``M = Soft + stopgrad(Hard - Soft)``.
+    ties), ``M = Soft + stopgrad(Hard - Soft)``. The top-2 columns follow the same tie rule as the kernels' running
+    top-2 (``Top2`` of ``csrc/fpet_math.h``): top1 is the argmax, top2 the lowest column holding the largest score
+    of the other columns, so on an exact tie the threshold's gradient reaches the same two columns in every backend
+    (``torch.topk`` leaves the order of equal values unspecified, and picks other columns than the argmax). A NaN
+    score ranks as +inf (:func:`match_key`); where ``S - t`` is NaN, ``Soft`` is taken as 1/2 with no gradient, so
+    ``M`` stays exactly one-hot and such entries carry no STE gradient (§3).
 
     Args:
         scores: ``[B, NA, NB]`` from :func:`checkerboard_similarity` (prefix columns ``-inf``, at least one finite
@@ -119,17 +131,21 @@ def ste_match(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         ``(matching [B, NA, NB], index [B, NA] int64)``: matching is exactly one-hot in value with the STE gradient;
         ``index`` is the matched B column ``k(i)``.
     """
+    key = match_key(scores.detach())
+    first = key.argmax(dim=-1, keepdim=True)  # the lowest column on ties
+    top1 = scores.gather(-1, first)
     if scores.shape[-1] >= 2:
-        top = scores.topk(2, dim=-1).values
-        top1, top2 = top[..., :1], top[..., 1:]
+        second = key.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)
+        top2 = scores.gather(-1, second)
         # A single B patch (the other columns are -inf prefix columns): top2 = top1, so that column
         # receives both halves of the threshold's gradient (§3).
         top2 = torch.where(torch.isinf(top2), top1, top2)
     else:
-        top1 = top2 = scores
+        top2 = top1
     threshold = (top1 + top2) / 2
-    soft = torch.sigmoid(scores - threshold)
-    index = scores.argmax(dim=-1)
+    z = scores - threshold
+    soft = torch.sigmoid(torch.where(z.isnan(), torch.zeros_like(z), z))
+    index = first.squeeze(-1)
     hard = F.one_hot(index, scores.shape[-1]).to(soft.dtype)
     matching = soft + (hard - soft).detach()
     return matching, index
@@ -218,4 +234,4 @@ def merge_tokens(
     )
     if needs_grad:
         return scatter_mean_merge_dense(x, size, ste_match(scores)[0], grid_size, num_prefix_tokens)
-    return scatter_mean_merge(x, size, scores.argmax(dim=-1), grid_size, num_prefix_tokens)
+    return scatter_mean_merge(x, size, match_key(scores).argmax(dim=-1), grid_size, num_prefix_tokens)

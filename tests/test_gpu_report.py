@@ -192,9 +192,10 @@ def _dispatch_calls(run):
 def _with_a_dispatch_mode(launches):
     """The reference's backward as it runs under a dispatch mode. With a mode active, autograd takes its
     composite-compliant paths (no in-place ops on tensors a mode could wrap): gradient accumulation runs ``add``
-    instead of ``add_`` (one more result of the same size), and the backward of ``topk`` and of indexing build their
-    gradient with functional ``scatter`` / ``index_put`` instead of ``scatter_`` / ``index_put_`` into fresh zeros:
-    one more ``copy_`` (the clone of the zeros) each, and ``scatter``'s new result."""
+    instead of ``add_`` (one more result of the same size), and the backward of ``gather`` / ``topk`` and of indexing
+    build their gradient with functional ``scatter_add`` / ``scatter`` / ``index_put`` instead of ``scatter_add_`` /
+    ``scatter_`` / ``index_put_`` into fresh zeros: one more ``copy_`` (the clone of the zeros) each, and the
+    scatter's new result."""
     out = []
     for i, (name, nbytes) in enumerate(launches):
         if name == "aten::add_.Tensor":
@@ -203,10 +204,10 @@ def _with_a_dispatch_mode(launches):
             zeros, zeros_bytes = launches[i - 1]
             assert zeros == "aten::zero_"
             out += [("aten::copy_", 2 * zeros_bytes), (name, nbytes)]
-        elif name == "aten::scatter_.src":
+        elif name in ("aten::scatter_.src", "aten::scatter_add_"):
             zeros, zeros_bytes = launches[i - 1]
             assert zeros == "aten::zero_"
-            out += [("aten::scatter.src", nbytes + zeros_bytes), ("aten::copy_", 2 * zeros_bytes)]
+            out += [(name.replace("_.", ".").rstrip("_"), nbytes + zeros_bytes), ("aten::copy_", 2 * zeros_bytes)]
         else:
             out.append((name, nbytes))
     return out
@@ -224,7 +225,7 @@ def test_profiler_launches_match_an_independent_dispatch_count(op):
         expected = _with_a_dispatch_mode(profiled) if op == "merge_tokens fwd+bwd" else profiled
         assert profiled and dispatched == expected, (op, batch)
         if op == "merge_tokens fwd+bwd":
-            assert len(dispatched) == len(profiled) + 5 and profiled != dispatched
+            assert len(dispatched) == len(profiled) + 6 and profiled != dispatched
         seen = []
         run = gpu_report.reference_workload(op, batch)
         traced = gpu_report.kernel_launches(gpu_report.profile_calls(lambda: seen.append(_dispatch_calls(run))))

@@ -77,7 +77,13 @@ inline void store_divided(out_t* out, const acc_t* x, acc_t z, int64_t n) {
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<out_t>(x[k] / z);
 }
 
-// First index holding the maximum of row[0 .. n), NaN entries skipped (as Top2 does); a row of NaN gives 0.
+// The ranking key of a score: NaN counts as +inf (as in Top2).
+template <typename acc_t>
+inline acc_t match_key(acc_t v) {
+  return v != v ? std::numeric_limits<acc_t>::infinity() : v;
+}
+
+// First index holding the maximum of row[0 .. n), NaN counted as +inf (as Top2 does).
 template <typename acc_t>
 inline int64_t argmax(const acc_t* row, int64_t n) {
   // The maximum over kLanes interleaved running maxima (branch-free, so it vectorises; a max is exact, so the
@@ -86,13 +92,19 @@ inline int64_t argmax(const acc_t* row, int64_t n) {
   for (int l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<acc_t>::infinity();
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] = row[j + l] > lanes[l] ? row[j + l] : lanes[l];
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t v = match_key(row[j + l]);
+      lanes[l] = v > lanes[l] ? v : lanes[l];
+    }
   }
-  for (int l = 0; j < n; ++j, ++l) lanes[l] = row[j] > lanes[l] ? row[j] : lanes[l];
+  for (int l = 0; j < n; ++j, ++l) {
+    const acc_t v = match_key(row[j]);
+    lanes[l] = v > lanes[l] ? v : lanes[l];
+  }
   acc_t best = lanes[0];
   for (int l = 1; l < kLanes; ++l) best = lanes[l] > best ? lanes[l] : best;
   for (j = 0; j < n; ++j) {
-    if (row[j] == best) return j;
+    if (match_key(row[j]) == best) return j;
   }
   return 0;
 }

@@ -27,8 +27,10 @@ namespace {
 
 // ------------------------------------------------------------------------------------- one-hot matching (index)
 
-// Channel slices per batch row: one when the batch alone keeps every thread busy, more for small batches.
+// Channel slices per batch row: one when the batch alone keeps every thread busy, more for small batches (and one
+// for an empty batch, which has no rows to slice).
 int64_t channel_slices(int64_t batch, int64_t channels) {
+  if (batch <= 0) return 1;
   const int64_t wanted = (2 * at::get_num_threads() + batch - 1) / batch;
   return std::max<int64_t>(1, std::min<int64_t>(wanted, channels / 64));
 }

@@ -59,8 +59,10 @@ def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else _empty(like)
 
 
-def _or_none(t: torch.Tensor) -> Optional[torch.Tensor]:
-    return t if t.numel() else None
+def _or_none(t: torch.Tensor, present: bool) -> Optional[torch.Tensor]:
+    """The gradient of an input that ``present`` says exists (a size given, a metric that needs one), else None.
+    Never read off ``t.numel()``: an empty batch (B = 0) has real, empty gradients."""
+    return t if present else None
 
 
 # ---------------------------------------------------------------------------------------------- refine_keys
@@ -171,9 +173,9 @@ def _scatter_mean_merge_backward_op(
 
 
 def _scatter_mean_merge_backward(ctx, grad_merged, grad_size):
-    grad_x, grad_in_size = torch.ops.fpet_triton.scatter_mean_merge_backward(
-        grad_merged, grad_size, *ctx.saved_tensors, *ctx.grid)
-    return grad_x, _or_none(grad_in_size), None, None, None, None
+    saved = ctx.saved_tensors
+    grad_x, grad_in_size = torch.ops.fpet_triton.scatter_mean_merge_backward(grad_merged, grad_size, *saved, *ctx.grid)
+    return grad_x, _or_none(grad_in_size, saved[1] is not None), None, None, None, None
 
 
 register_autograd(f"{NAMESPACE}::scatter_mean_merge", _scatter_mean_merge_backward, setup_context=_merge_setup)
@@ -199,9 +201,10 @@ def _scatter_mean_merge_dense_backward_op(
 
 
 def _scatter_mean_merge_dense_backward(ctx, grad_merged, grad_size):
+    saved = ctx.saved_tensors
     grad_x, grad_in_size, grad_matching = torch.ops.fpet_triton.scatter_mean_merge_dense_backward(
-        grad_merged, grad_size, *ctx.saved_tensors, *ctx.grid)
-    return grad_x, _or_none(grad_in_size), grad_matching, None, None, None
+        grad_merged, grad_size, *saved, *ctx.grid)
+    return grad_x, _or_none(grad_in_size, saved[1] is not None), grad_matching, None, None, None
 
 
 register_autograd(f"{NAMESPACE}::scatter_mean_merge_dense", _scatter_mean_merge_dense_backward,
@@ -229,9 +232,11 @@ def _merge_tokens_backward_op(
 
 
 def _merge_tokens_backward(ctx, grad_merged, grad_size):
+    saved = ctx.saved_tensors
+    metric_grad = ctx.needs_input_grad[1]
     grad_x, grad_metric, grad_in_size = torch.ops.fpet_triton.merge_tokens_backward(
-        grad_merged, grad_size, *ctx.saved_tensors, *ctx.grid, ctx.needs_input_grad[1])
-    return grad_x, _or_none(grad_metric), _or_none(grad_in_size), None, None, None
+        grad_merged, grad_size, *saved, *ctx.grid, metric_grad)
+    return grad_x, _or_none(grad_metric, metric_grad), _or_none(grad_in_size, saved[2] is not None), None, None, None
 
 
 register_autograd(f"{NAMESPACE}::merge_tokens", _merge_tokens_backward, setup_context=_merge_setup)
