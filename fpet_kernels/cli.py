@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from .backends import BACKENDS, resolve_backend
 from .pet import add_pet
 from .tools import benchmark
 from .vit import find_vision_transformer
-from .vit_patch import apply_fpet, get_fpet_patch
+from .vit_patch import apply_fpet, get_fpet_patch, remove_fpet
 
 
 def _model_flag(error: BaseException, checkpoint: Optional[str], model_flag: str = "--model") -> str:
@@ -424,6 +424,75 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """`fpet export`: a PET checkpoint's model to ONNX (fpet_kernels.export.export_onnx), checked in onnxruntime;
+    with --compare also the model without FPET, both timed in onnxruntime."""
+    from .export import export_onnx, time_onnx
+    from .train import ConfigError, load_trained
+
+    prog = "fpet export"
+    if not args.onnx.endswith(".onnx"):
+        print(f"{prog}: error: argument --onnx: expected a path ending in .onnx, got {args.onnx!r}", file=sys.stderr)
+        return 2
+    if args.static_batch is False and args.batch_size < 2:
+        print(f"{prog}: error: argument --batch-size: a dynamic batch is traced at a batch >= 2 (torch.export "
+              "specialises 1); pass --static-batch to export batch 1", file=sys.stderr)
+        return 2
+    try:
+        model = load_trained(args.pet_checkpoint, model=args.model, checkpoint=args.checkpoint, seed=args.seed)
+    except ConfigError as error:
+        return _config_error(prog, error)
+    if args.compare and get_fpet_patch(model) is None:
+        print(f"{prog}: error: argument --compare: {args.pet_checkpoint} was trained without FPET: there is no "
+              "unmerged model to compare with", file=sys.stderr)
+        return 2
+    directory = os.path.dirname(os.path.abspath(args.onnx))
+    os.makedirs(directory, exist_ok=True)
+    options = dict(batch_size=args.batch_size, dynamic_batch=not args.static_batch, opset=args.opset,
+                   fold=not args.no_fold, check=not args.no_check, atol=args.atol, rtol=args.rtol)
+    try:
+        return _export_and_report(args, model, options, export_onnx, time_onnx)
+    except (ImportError, RuntimeError) as error:  # onnx missing, or the exporter failed: one line (FPET_DEBUG=1 raises)
+        if _debug():
+            raise
+        print(f"{prog}: error: {_one_line(error)} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _export_and_report(args: argparse.Namespace, model, options: Dict[str, Any], export_onnx, time_onnx) -> int:
+    result = export_onnx(model, args.onnx, **options)
+    report: Dict[str, Any] = {"export": result.as_dict()}
+    if args.compare:
+        plain = remove_fpet(copy.deepcopy(model))
+        plain_path = args.onnx[: -len(".onnx")] + ".unmerged.onnx"
+        report["unmerged"] = export_onnx(plain, plain_path, **options).as_dict()
+        batch = args.batch_size if args.static_batch else args.time_batch
+        side = result.input_shape[2:]
+        images = torch.randn(batch, 3, *side, generator=torch.Generator().manual_seed(0))
+        merged, unmerged = time_onnx([args.onnx, plain_path], images, runs=args.runs, threads=args.threads)
+        report["onnxruntime"] = {"batch": batch, "threads": args.threads, "runs": args.runs, "fpet": merged,
+                                 "unmerged": unmerged, "speedup": unmerged["median_ms"] / merged["median_ms"]}
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    checked = ("not checked in onnxruntime" if result.max_abs_diff is None else
+               f"onnxruntime matches PyTorch (max |diff| {result.max_abs_diff:.2g} at batch "
+               f"{', '.join(map(str, result.checked_batches))}; atol {result.atol:g}, rtol {result.rtol:g})")
+    parts = [f"opset {result.opset}", "dynamic batch" if result.dynamic_batch else f"batch {result.input_shape[0]}"]
+    if result.folded:
+        parts.append(f"{'+'.join(result.folded)} folded")
+    if result.fpet_layer is not None:
+        parts.append(f"FPET merge at block {result.fpet_layer}")
+    print(f"{result.path}: {', '.join(parts)}; {checked}; {result.gflops:.4f} GFLOPs/img")
+    if args.compare:
+        timing, plain_result = report["onnxruntime"], report["unmerged"]
+        print(f"{plain_result['path']}: the same model without FPET, {plain_result['gflops']:.4f} GFLOPs/img; "
+              f"onnxruntime median at batch {timing['batch']}, {args.threads or 'default'} thread(s), "
+              f"{timing['runs']} alternating runs: FPET {timing['fpet']['median_ms']:.2f} ms vs "
+              f"{timing['unmerged']['median_ms']:.2f} ms ({timing['speedup']:.2f}x)")
+    return 0
+
+
 def run_data(args: argparse.Namespace) -> int:
     """`fpet data`: the pocket-VTAB task table (--list) or generate tasks into the cache (--generate)."""
     from .data import get_task, list_tasks, pocket_vtab_dir
@@ -716,6 +785,52 @@ def _add_eval_parser(commands) -> None:
     evaluate.set_defaults(func=run_eval)
 
 
+def _add_export_parser(commands) -> None:
+    """The `fpet export` subcommand."""
+    from .models import MODEL_HELP
+
+    export = commands.add_parser(
+        "export",
+        one_line_errors=True,
+        help="export a PET checkpoint's model to ONNX (LoRA folded, the FPET merge as plain ONNX ops), checked in "
+        "onnxruntime",
+        description="Build the model of --pet-checkpoint as `fpet eval` does (--model, --checkpoint, --seed), export "
+        "it in eval mode with torch's dynamo exporter to --onnx (a dynamic batch dimension unless --static-batch; "
+        "LoRA folded into qkv unless --no-fold; the FPET merge as MatMul / ArgMax / ScatterElements-add / Div) and "
+        "check that onnxruntime gives PyTorch's outputs within --atol + --rtol * |output| at batches 1 and 3. "
+        "--compare also exports the model without FPET to OUT.unmerged.onnx and times both in onnxruntime.",
+    )
+    export.add_argument("--pet-checkpoint", required=True, metavar="PATH",
+                        help="pet.safetensors written by `fpet train`")
+    export.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    export.add_argument("--model", default="pocket-vit", help=f"backbone: {MODEL_HELP} (default: %(default)s)")
+    export.add_argument("--checkpoint", default=None, metavar="PATH", help="local timm weights for a timm --model")
+    export.add_argument("--seed", type=_int_at_least(0, "a seed"), default=0,
+                        help="torch seed before the backbone is built, as for `fpet eval` (default: %(default)s)")
+    export.add_argument("--batch-size", type=_int_at_least(1, "a batch size"), default=2,
+                        help="batch of the traced example (>= 2 for a dynamic batch) (default: %(default)s)")
+    export.add_argument("--static-batch", action="store_true", help="fix the batch dimension to --batch-size")
+    export.add_argument("--opset", type=_int_at_least(18, "an ONNX opset"), default=18,
+                        help="ONNX opset (default: %(default)s)")
+    export.add_argument("--no-fold", action="store_true", help="keep LoRA as a branch instead of folding it")
+    export.add_argument("--no-check", action="store_true", help="do not run the export in onnxruntime")
+    tolerance = _float_in(0.0, None, "a finite tolerance >= 0")
+    export.add_argument("--atol", type=tolerance, default=1e-4,
+                        help="absolute tolerance of the check (default: %(default)s)")
+    export.add_argument("--rtol", type=tolerance, default=1e-4,
+                        help="relative tolerance of the check (default: %(default)s)")
+    export.add_argument("--compare", action="store_true",
+                        help="also export the model without FPET and time both in onnxruntime")
+    export.add_argument("--time-batch", type=_int_at_least(1, "a batch size"), default=16,
+                        help="batch of the --compare timing (default: %(default)s)")
+    export.add_argument("--runs", type=_int_at_least(1, "a run count"), default=20,
+                        help="timed runs per model for --compare, median reported (default: %(default)s)")
+    export.add_argument("--threads", type=_int_at_least(1, "a thread count"), default=None,
+                        help="onnxruntime intra-op threads for --compare (default: onnxruntime's)")
+    export.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    export.set_defaults(func=run_export)
+
+
 def _add_data_parser(commands) -> None:
     """The `fpet data` subcommand."""
     data = commands.add_parser(
@@ -907,6 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(commands)
     _add_skip_parser(commands)
     _add_eval_parser(commands)
+    _add_export_parser(commands)
     _add_data_parser(commands)
     _add_visualize_parser(commands)
     return parser

@@ -47,7 +47,7 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "gpu-report", "train", "eval", "data"):
+    for command in ("demo", "gpu-report", "train", "eval", "export", "data"):
         assert command in out
 
 
