@@ -797,7 +797,8 @@ def _add_export_parser(commands) -> None:
         description="Build the model of --pet-checkpoint as `fpet eval` does (--model, --checkpoint, --seed), export "
         "it in eval mode with torch's dynamo exporter to --onnx (a dynamic batch dimension unless --static-batch; "
         "LoRA folded into qkv unless --no-fold; the FPET merge as MatMul / ArgMax / ScatterElements-add / Div) and "
-        "check that onnxruntime gives PyTorch's outputs within --atol + --rtol * |output| at batches 1 and 3. "
+        "check that onnxruntime gives PyTorch's outputs within --atol + --rtol * |output| at batches 1 and 3 (at "
+        "--batch-size with --static-batch). "
         "--compare also exports the model without FPET to OUT.unmerged.onnx and times both in onnxruntime.",
     )
     export.add_argument("--pet-checkpoint", required=True, metavar="PATH",
