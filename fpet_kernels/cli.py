@@ -223,7 +223,8 @@ def run_bench(args: argparse.Namespace) -> int:
     report = model_bench.run(
         models, batch=args.batch_size, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
         latency_rounds=args.latency_rounds, train_batch=args.train_batch, train_rounds=args.train_rounds,
-        img_size=args.img_size, backend=args.backend, tome_r=args.tome_r, train=not args.no_train, progress=progress,
+        img_size=args.img_size, backend=args.backend, tome_r=args.tome_r, train=not args.no_train,
+        fold_lora=not args.unfolded_lora, progress=progress,
     )
     bar.close()
     os.makedirs(args.out, exist_ok=True)
@@ -985,6 +986,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "half and 1.5x that)")
     bench.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend for the merge")
     bench.add_argument("--no-train", action="store_true", help="skip the training-step time and memory")
+    bench.add_argument("--unfolded-lora", action="store_true",
+                       help="time the LoRA variants unfolded (as trained) instead of with LoRA folded into qkv (as "
+                       "deployed)")
     bench.add_argument("--no-plots", action="store_true", help="no PNG plots")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--out", default="bench_results", help="output folder (default: %(default)s)")

@@ -35,6 +35,9 @@ def test_bench_writes_the_report(tmp_path, capsys):
         assert row["train_memory"]["peak_rss_mib"] > 0 and row["train_memory"]["method"]
     assert rows["FPET+LoRA"]["gflops"] < rows["LoRA"]["gflops"]
     assert rows["free halving"]["gflops"] < rows["backbone"]["gflops"]
+    # eval as deployed: LoRA folded into qkv, so LoRA has the backbone's GFLOPs and FPET+LoRA the free halving's
+    assert report["settings"]["fold_lora"] and rows["LoRA"]["gflops"] == pytest.approx(rows["backbone"]["gflops"])
+    assert rows["FPET+LoRA"]["gflops"] < rows["FPET+AdaptFormer"]["gflops"]
     assert all(len(r["eval_seconds"]) == 2 and r["latency_p50_ms"] <= r["latency_p90_ms"] for r in rows.values())
     assert (tmp_path / "throughput_vs_gflops.png").stat().st_size > 0 and (tmp_path / "training.png").exists()
     table = (tmp_path / "bench.md").read_text()
@@ -47,6 +50,15 @@ def test_bench_given_tome_r_and_no_train(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())["models"]["test_vit"]["variants"]
     assert [n for n in rows if n.startswith("ToMe")] == ["ToMe r=1", "ToMe r=3"]
     assert "train_step_s" not in rows["LoRA"] and not (tmp_path / "training.png").exists()
+
+
+def test_bench_unfolded_lora(tmp_path):
+    args = ["bench", *TINY, "--tome-r", "1", "--no-train", "--no-plots", "--unfolded-lora", "--out", str(tmp_path)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["models"]["test_vit"]["variants"]
+    assert not report["settings"]["fold_lora"] and rows["LoRA"]["gflops"] > rows["backbone"]["gflops"]
+    assert "eval with LoRA unfolded" in (tmp_path / "bench.md").read_text()
 
 
 def test_matched_tome_r_is_the_closest():

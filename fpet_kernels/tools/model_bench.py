@@ -9,7 +9,10 @@ For each timm ViT (random init; nothing is downloaded) it builds the variants a 
 * ``free halving``: the backbone with half the patch tokens simply dropped where FPET merges (no matching, no merge):
   the ceiling of any merge at that block.
 
-and measures, in one process, every variant alternately (round-robin, so machine noise hits all alike):
+and measures, in one process, every variant alternately (round-robin, so machine noise hits all alike). The eval
+figures (throughput, latency, GFLOPs) of the LoRA variants are those of the model as deployed, LoRA folded into qkv
+(:func:`~fpet_kernels.fold_pet`; ``fold_lora=False`` / ``fpet bench --unfolded-lora`` times the unfolded LoRA, which
+adds two low-rank products per block); the training step and the parameters are those of the model as trained:
 
 * eval throughput (img/s) at ``batch`` images: median of ``rounds`` timed rounds after ``warmup``, and the spread
   (min and max over the rounds);
@@ -75,6 +78,13 @@ def _pet(backbone: nn.Module, method: str, fpet: bool, backend: str) -> nn.Modul
         apply_fpet(model, backend=backend)
     mark_trainable(model)
     return model.eval()
+
+
+def _deployed(model: nn.Module) -> nn.Module:
+    """A copy of a LoRA model with LoRA folded into qkv, as deployed (:func:`~fpet_kernels.fold_pet`)."""
+    from .. import fold_pet
+
+    return fold_pet(copy.deepcopy(model)).eval()
 
 
 def matched_tome_r(backbone: nn.Module, target_gflops: float, images: torch.Tensor) -> int:
@@ -229,13 +239,14 @@ def run(
     backend: str = "auto",
     tome_r: Optional[Sequence[int]] = None,
     train: bool = True,
+    fold_lora: bool = True,
     progress: Callable[[str], None] = lambda message: None,
 ) -> Dict[str, Any]:
     """Benchmark every variant of every model (module docstring); returns the JSON report."""
     report: Dict[str, Any] = {
         "settings": {"batch": batch, "threads": threads, "rounds": rounds, "warmup": warmup,
                      "latency_rounds": latency_rounds, "train_batch": train_batch, "train_rounds": train_rounds,
-                     "img_size": img_size, "backend": backend, "train": train},
+                     "img_size": img_size, "backend": backend, "train": train, "fold_lora": fold_lora},
         "machine": benchmark.machine_description(threads),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "models": {},
@@ -246,13 +257,16 @@ def run(
         side = variants["backbone"].patch_embed.img_size
         torch.manual_seed(0)
         images = torch.randn(batch, 3, *side)
+        deployed = {name: _deployed(model) if fold_lora and "LoRA" in name else model
+                    for name, model in variants.items()}
         progress(f"{model_name}: GFLOPs")
-        gflops = {name: benchmark.count_gflops(model, images[:1]) for name, model in variants.items()}
+        gflops = {name: benchmark.count_gflops(model, images[:1]) for name, model in deployed.items()}
         progress(f"{model_name}: eval throughput, batch {batch}, {rounds} rounds")
-        times = benchmark.measure_throughput(variants, images, runs=rounds, warmup=warmup, threads=threads)
+        times = benchmark.measure_throughput(deployed, images, runs=rounds, warmup=warmup, threads=threads)
         progress(f"{model_name}: batch-1 latency, {latency_rounds} rounds")
-        latency = benchmark.measure_throughput(variants, images[:1], runs=latency_rounds, warmup=warmup,
+        latency = benchmark.measure_throughput(deployed, images[:1], runs=latency_rounds, warmup=warmup,
                                                threads=threads)
+        del deployed
         rows: Dict[str, Dict[str, Any]] = {}
         base = batch / benchmark.median(times["backbone"])
         for name, model in variants.items():
@@ -288,6 +302,7 @@ def markdown(report: Dict[str, Any]) -> str:
     for model_name, entry in report["models"].items():
         rows = entry["variants"]
         backend = f", merge backend {entry['merge_backend']}" if entry.get("merge_backend") else ""
+        backend += "; eval with LoRA folded" if report["settings"].get("fold_lora") else "; eval with LoRA unfolded"
         out.append(f"**{model_name}** ({entry['img_size'][0]}x{entry['img_size'][1]}, eval batch "
                    f"{report['settings']['batch']}, train batch {report['settings']['train_batch']}{backend}; "
                    f"{report['machine']})\n")
