@@ -64,6 +64,13 @@ FPET_HOST_DEVICE acc_t normalize_backward(acc_t grad_hat, acc_t m_hat, acc_t hat
   return norm >= acc_t(kNormEps) ? (grad_hat - m_hat * hat_dot_grad) / norm : grad_hat / acc_t(kNormEps);
 }
 
+// The ranking key of a score (docs/design.md §2 step 5, "NaN"): NaN counts as +inf, so a row with NaN merges into
+// its first NaN (or +inf) column, the same column in every backend, and always a B cell.
+template <typename acc_t>
+FPET_HOST_DEVICE acc_t match_key(acc_t v) {
+  return v != v ? acc_t(INFINITY) : v;
+}
+
 // Running top-2 of a score row with the tie rule of docs/design.md §2 step 5: among equal values the lowest column
 // wins. index1 is the argmax k(i); index2 the runner-up. Pushes may come in any order (so that partial results of
 // different threads can be merged), which is why ties compare the column index explicitly.
@@ -77,11 +84,9 @@ struct Top2 {
   FPET_HOST_DEVICE static bool beats(acc_t v, int64_t i, acc_t w, int64_t k) {
     return k < 0 || v > w || (v == w && i < k);
   }
-  // A NaN score counts as +inf (docs/design.md §2 step 5, "NaN"): a row with NaN merges into its first NaN (or +inf)
-  // column, the same column in every backend, and always a B cell.
   FPET_HOST_DEVICE void push(acc_t v, int64_t i) {
     if (i < 0) return;  // empty slot
-    if (v != v) v = acc_t(INFINITY);
+    v = match_key(v);
     if (beats(v, i, value1, index1)) {
       value2 = value1;
       index2 = index1;

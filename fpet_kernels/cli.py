@@ -428,14 +428,13 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """`fpet export`: a PET checkpoint's model to ONNX (fpet_kernels.export.export_onnx), checked in onnxruntime;
     with --compare also the model without FPET, both timed in onnxruntime."""
-    from .export import export_onnx, time_onnx
     from .train import ConfigError, load_trained
 
     prog = "fpet export"
     if not args.onnx.endswith(".onnx"):
         print(f"{prog}: error: argument --onnx: expected a path ending in .onnx, got {args.onnx!r}", file=sys.stderr)
         return 2
-    if args.static_batch is False and args.batch_size < 2:
+    if not args.static_batch and args.batch_size < 2:
         print(f"{prog}: error: argument --batch-size: a dynamic batch is traced at a batch >= 2 (torch.export "
               "specialises 1); pass --static-batch to export batch 1", file=sys.stderr)
         return 2
@@ -452,7 +451,7 @@ def run_export(args: argparse.Namespace) -> int:
     options = dict(batch_size=args.batch_size, dynamic_batch=not args.static_batch, opset=args.opset,
                    fold=not args.no_fold, check=not args.no_check, atol=args.atol, rtol=args.rtol)
     try:
-        return _export_and_report(args, model, options, export_onnx, time_onnx)
+        return _export_and_report(args, model, options)
     except (ImportError, RuntimeError) as error:  # onnx missing, or the exporter failed: one line (FPET_DEBUG=1 raises)
         if _debug():
             raise
@@ -460,7 +459,9 @@ def run_export(args: argparse.Namespace) -> int:
         return 1
 
 
-def _export_and_report(args: argparse.Namespace, model, options: Dict[str, Any], export_onnx, time_onnx) -> int:
+def _export_and_report(args: argparse.Namespace, model, options: Dict[str, Any]) -> int:
+    from .export import export_onnx, time_onnx
+
     result = export_onnx(model, args.onnx, **options)
     report: Dict[str, Any] = {"export": result.as_dict()}
     if args.compare:

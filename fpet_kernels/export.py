@@ -170,7 +170,8 @@ def export_onnx(
     path = os.fspath(path)
     vit = find_vision_transformer(model, allow_eva=True)
     height, width = _input_size(vit, img_size)
-    _import("onnx"), _import("onnxscript")
+    _import("onnx")
+    _import("onnxscript")
     net, folded, layer = _export_copy(model, fold)
     param = next(net.parameters())
     example = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed),

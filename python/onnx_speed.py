@@ -22,6 +22,7 @@ import torch
 import fpet_kernels as fk
 from fpet_kernels.export import export_onnx, time_onnx
 from fpet_kernels.models import create_model
+from fpet_kernels.tools.benchmark import cpu_name
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
                          "speedup": plain["median_ms"] / merged["median_ms"]})
     report = {
         "model": args.model, "checkpoint": args.checkpoint, "threads": args.threads, "runs": args.runs,
-        "date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "python": platform.python_version(),
         "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
         "exports": {name: e.as_dict() for name, e in exports.items()}, "timing": rows,
         "seconds": round(time.time() - start, 1),
@@ -88,17 +89,6 @@ def markdown(report) -> str:
             f"{plain['median_ms']:.1f} ({plain['p10_ms']:.1f}-{plain['p90_ms']:.1f}) | {merged['median_ms']:.1f} "
             f"({merged['p10_ms']:.1f}-{merged['p90_ms']:.1f}) | {row['speedup']:.2f}x |")
     return "\n".join(lines)
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

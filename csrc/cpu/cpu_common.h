@@ -17,6 +17,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "../fpet_math.h"
+
 namespace fpet {
 namespace cpu {
 
@@ -77,13 +79,7 @@ inline void store_divided(out_t* out, const acc_t* x, acc_t z, int64_t n) {
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<out_t>(x[k] / z);
 }
 
-// The ranking key of a score: NaN counts as +inf (as in Top2).
-template <typename acc_t>
-inline acc_t match_key(acc_t v) {
-  return v != v ? std::numeric_limits<acc_t>::infinity() : v;
-}
-
-// First index holding the maximum of row[0 .. n), NaN counted as +inf (as Top2 does).
+// First index holding the maximum of row[0 .. n) by match_key (NaN counts as +inf, as in Top2).
 template <typename acc_t>
 inline int64_t argmax(const acc_t* row, int64_t n) {
   // The maximum over kLanes interleaved running maxima (branch-free, so it vectorises; a max is exact, so the

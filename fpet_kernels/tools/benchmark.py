@@ -98,12 +98,15 @@ def median(values: List[float]) -> float:
     return statistics.median(values)
 
 
-def machine_description(threads: int) -> str:
-    """One line naming the CPU, the thread count and the torch version, to print beside timings."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return f"{cpu}; {threads} thread(s); torch {torch.__version__}"
+        return platform.processor() or platform.machine()
+
+
+def machine_description(threads: int) -> str:
+    """One line naming the CPU, the thread count and the torch version, to print beside timings."""
+    return f"{cpu_name()}; {threads} thread(s); torch {torch.__version__}"

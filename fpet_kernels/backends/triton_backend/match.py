@@ -17,12 +17,18 @@ from ._common import padded, wrap_triton
 
 
 @triton.jit
+def match_key(scores):
+    """The ranking key of the matching: NaN counts as +inf (docs/design.md §2 step 5, "NaN")."""
+    return tl.where(scores != scores, float("inf"), scores)
+
+
+@triton.jit
 def row_top2(scores, cols):
     """Per row of a float32 tile (``-inf`` where masked), ``cols`` its column offsets: ``(top1, index, second,
     top2)``, the largest value and its column, then the largest of the other columns and its column; ties go to the
     lowest column and NaN counts as +inf (docs/design.md §2 step 5). ``second`` is ``-inf`` when the row has a single
     finite column."""
-    scores = tl.where(scores != scores, float("inf"), scores)
+    scores = match_key(scores)
     top1 = tl.max(scores, axis=1)
     index = tl.argmax(scores, axis=1, tie_break_left=True).to(tl.int32)
     rest = tl.where(cols[None, :] == index[:, None], float("-inf"), scores)
@@ -72,8 +78,7 @@ def _ste_match_kernel(
     mask = r_mask[:, None] & (cols < NB)[None, :]
     scores = tl.load(scores_ptr + offs_r[:, None].to(tl.int64) * stride_sr + cols[None, :] * stride_sn,
                      mask=mask, other=float("-inf")).to(tl.float32)
-    scores = tl.where(scores != scores, float("inf"), scores)  # NaN counts as +inf
-    index = tl.argmax(scores, axis=1, tie_break_left=True).to(tl.int32)
+    index = tl.argmax(match_key(scores), axis=1, tie_break_left=True).to(tl.int32)
     # M = Soft + stopgrad(Hard - Soft) is exactly Hard in value (Soft >= 1/2 at the argmax, so 1 - Soft is exact).
     hard = tl.where(cols[None, :] == index[:, None], 1.0, 0.0).to(matching_ptr.dtype.element_ty)
     tl.store(matching_ptr + offs_r[:, None].to(tl.int64) * NB + cols[None, :], hard, mask=mask)
